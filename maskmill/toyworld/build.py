@@ -1,0 +1,108 @@
+"""Builders for the micro Stable Diffusion: configs and an offline CLIP tokenizer.
+
+The architecture is the real SD 1.x one, only small: AutoencoderKL (32, 64) -> 16x16x4
+latents, CLIPTextModel (hidden 64, 2 layers), UNet2DConditionModel (32, 64) with
+cross- and self-attention transformer blocks at 16x16 and 8x8 (head dim 16).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .render import IMAGE_SIZE
+
+TEXT_HIDDEN = 64
+
+
+def clip_bpe_path() -> Path:
+    """The CLIP BPE vocabulary shipped inside clip-anytorch (no network)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("clip-anytorch is not installed: `pip install --no-deps clip-anytorch`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        raise RuntimeError(f"CLIP BPE vocabulary not found at {path}")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # Same table as CLIP's simple_tokenizer: printable stand-ins for every byte.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer_files(out_dir: Path) -> Path:
+    """Write vocab.json / merges.txt equal to CLIP's 49,408-token BPE."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merges = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = merges[1 : 49152 - 256 - 2 + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return out_dir
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer(cache_dir: str = "") -> "CLIPTokenizer":  # noqa: F821
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    d = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="maskmill-tok-"))
+    write_clip_tokenizer_files(d)
+    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+    )
+
+
+def text_config() -> dict:
+    return dict(
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_HIDDEN,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+
+
+def unet_config() -> dict:
+    return dict(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=(2, 4),  # diffusers' SD1 naming: number of heads -> head dim 16
+        norm_num_groups=16,
+    )
+
+
+def build_models():
+    """Fresh (vae, text_encoder, unet) with the micro SD architecture."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return (
+        AutoencoderKL(**vae_config()),
+        CLIPTextModel(CLIPTextConfig(**text_config())),
+        UNet2DConditionModel(**unet_config()),
+    )

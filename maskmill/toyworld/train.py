@@ -1,0 +1,196 @@
+"""Train the micro Stable Diffusion on the shapes world.
+
+    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd          # full run (~40 min, 2 CPU cores)
+    python -m maskmill.toyworld.train --out /tmp/m --steps 5 --vae-steps 5 --scenes 64   # smoke test
+
+Stage 1 trains the VAE on textured scenes (a VAE that never saw stripes erases them,
+ANCHORS §4). Stage 2 caches latents, then trains UNet + text encoder jointly with
+epsilon prediction and 10 % caption dropout (for classifier-free guidance).
+The result is saved with `save_pretrained` as safetensors and loads through the same
+`from_pretrained` path as any SD checkpoint. Held-out captions never enter training.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .build import build_models, clip_tokenizer
+from .render import is_held_out, render, sample_scene
+
+
+CHUNK = 1000
+
+
+def _render_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    seed, chunk, n = args
+    rng = np.random.default_rng([seed, chunk])
+    images, captions = [], []
+    while len(images) < n:
+        scene = sample_scene(rng)
+        if is_held_out(scene.objects):
+            continue
+        images.append(render(scene)[0])
+        captions.append(scene.caption)
+    return np.stack(images), captions
+
+
+def render_training_set(n: int, seed: int, workers: int = 2) -> tuple[np.ndarray, list[str]]:
+    """n scenes (uint8 N x 32 x 32 x 3) and captions, skipping held-out captions.
+
+    Rendered in chunks seeded by (seed, chunk index), so the set does not depend on `workers`.
+    """
+    from multiprocessing import Pool
+
+    jobs = [(seed, c, min(CHUNK, n - c * CHUNK)) for c in range((n + CHUNK - 1) // CHUNK)]
+    with Pool(workers) as pool:
+        parts = pool.map(_render_chunk, jobs)
+    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, log) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(1)
+    vae.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        x = images[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean()
+        loss = F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log({"stage": "vae", "step": step, "mse": float(F.mse_loss(rec, x))})
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(images[i : i + batch]).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train(out: Path, steps: int = 7000, vae_steps: int = 1500, scenes: int = 30000, batch: int = 48,
+          lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000) -> dict:
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    t0 = time.time()
+
+    def log(rec: dict) -> None:
+        rec["elapsed_s"] = round(time.time() - t0, 1)
+        history.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    images_np, captions = render_training_set(scenes, seed)
+    images = _to_tensor(images_np)
+    images = torch.cat([images, images.flip(-1)])  # all four shapes are mirror-symmetric
+    captions = captions + captions
+    log({"stage": "data", "scenes": len(images_np)})
+
+    vae, text_encoder, unet = build_models()
+    tokenizer = clip_tokenizer()
+    train_vae(vae, images, vae_steps, 64, 1e-3, log)
+    mean, std = encode_latents(vae, images)
+    scaling = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    log({"stage": "latents", "scaling_factor": scaling})
+
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                beta_start=0.00085, beta_end=0.012)
+    alphas = noise_sched.alphas_cumprod
+    trainable = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    ema = copy.deepcopy(trainable).requires_grad_(False)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / max(steps, 1))))
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def save(tag: str) -> None:
+        ema_unet, ema_text = ema["unet"], ema["text_encoder"]
+        pipe = StableDiffusionPipeline(
+            vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(ema_text), tokenizer=tokenizer,
+            unet=copy.deepcopy(ema_unet),
+            scheduler=DDIMScheduler.from_config(noise_sched.config, clip_sample=False, set_alpha_to_one=False,
+                                                steps_offset=1),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.to(torch.float16)  # half the bytes on disk; loaders upcast to fp32 on CPU
+        pipe.save_pretrained(out, safe_serialization=True)
+        (out / "training_log.json").write_text(json.dumps({"tag": tag, "history": history}, indent=1))
+
+    trainable.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(mean), (batch,), generator=g)
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
+        cap = ids[idx].clone()
+        drop = torch.rand(batch, generator=g) < 0.1
+        cap[drop] = empty_ids
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        cond = text_encoder(cap)[0]
+        pred = unet(noisy, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), trainable.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if step % 100 == 0 or step == steps - 1:
+            log({"stage": "unet", "step": step, "loss": float(loss), "lr": sched.get_last_lr()[0]})
+        if checkpoint_every and step and step % checkpoint_every == 0:
+            save(f"step {step}")
+    trainable.eval()
+    save("final")
+    summary = {"steps": steps, "vae_steps": vae_steps, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
+               "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=7000)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--scenes", type=int, default=30000)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed)
+
+
+if __name__ == "__main__":
+    main()
