@@ -1,2 +1,2 @@
 """Imports every extractor implementation so each registers itself."""
-from . import seediff  # noqa: F401
+from . import baselines, diffcut, diffseg, seediff  # noqa: F401

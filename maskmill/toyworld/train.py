@@ -92,6 +92,7 @@ def train(out: Path, steps: int = 7000, vae_steps: int = 1500, scenes: int = 300
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
+    torch.set_flush_denormal(True)  # tiny weights/activations as denormals slowed CPU training several-fold
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []

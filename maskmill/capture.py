@@ -1,0 +1,248 @@
+"""Attention capture: record what the UNet attends to while it generates.
+
+diffusers' `Attention` module delegates its computation to a processor object. We
+install a `CaptureProcessor` around each wanted layer's own processor with
+`unet.set_attn_processor`, and put the originals back when the context exits:
+
+    with capture_attention(pipe.unet, CaptureConfig(), batch_size=2, cfg=True, latent_hw=(64, 64)) as store:
+        images = pipe(prompts, ...).images
+    maps = store.results()          # one SampleAttention per sample
+
+The wrapped processor computes the layer output itself, so images stay bitwise
+identical; the probabilities are recomputed beside it from `to_q`/`to_k`, for the
+conditional half of the batch only, in row chunks (bounded memory), averaged over
+heads and summed into fixed-size accumulators (memory flat in the number of steps).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .extractors.base import SampleAttention
+
+
+@dataclass
+class CaptureConfig:
+    """What to record.
+
+    cross: record cross-attention of every prompt token in every cross-attention layer (cheap).
+    self_blocks: resolution side -> UNet block kinds ("down", "mid", "up") whose self-attention is
+        averaged into that side's map. None records every side from every block; sides not listed
+        are not recorded (their probabilities are never computed).
+    steps: the window of denoising steps recorded, as fractions [start, end) of the schedule.
+    chunk_elements: upper bound on the elements of one probability chunk (rows x keys x heads x batch).
+    feature_modules: name -> dotted UNet module path whose output is kept (last recorded step), e.g. for DiffCut.
+    """
+
+    cross: bool = True
+    self_blocks: dict[int, tuple[str, ...]] | None = None
+    steps: tuple[float, float] = (0.0, 1.0)
+    chunk_elements: int = 1 << 24
+    feature_modules: dict[str, str] = field(default_factory=dict)
+    per_layer_self: bool = False  # also keep each layer's own self-attention (diagnostics, e.g. toyworld eval)
+
+    def wants_self(self, side: int, block: str) -> bool:
+        if self.self_blocks is None:
+            return True
+        return block in self.self_blocks.get(side, ())
+
+
+def layer_block(name: str) -> str:
+    """'up_blocks.1.attentions.0...' -> 'up'; 'mid_block...' -> 'mid'."""
+    head = name.split(".", 1)[0]
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head, head)
+
+
+class AttentionStore:
+    """Fixed-size accumulators, summed over the recorded steps and layers."""
+
+    def __init__(self, config: CaptureConfig, batch_size: int, cfg: bool, latent_hw: tuple[int, int],
+                 num_steps: int):
+        self.config = config
+        self.batch_size = batch_size
+        self.cfg = cfg
+        self.latent_hw = latent_hw
+        start, end = config.steps
+        self._first = int(math.floor(start * num_steps))
+        self._last = max(self._first + 1, int(math.ceil(end * num_steps)))
+        self.step = -1
+        self.cross: dict[str, torch.Tensor] = {}
+        self.cross_count: dict[str, int] = {}
+        self.cross_side: dict[str, int] = {}
+        self.self_attn: dict[int, torch.Tensor] = {}
+        self.self_count: dict[int, int] = {}
+        self.features: dict[str, torch.Tensor] = {}
+        self.layer_self: dict[str, torch.Tensor] = {}
+        self.layer_count: dict[str, int] = {}
+
+    # -- step bookkeeping: one UNet forward = one denoising step
+    def next_step(self) -> None:
+        self.step += 1
+
+    @property
+    def recording(self) -> bool:
+        return self._first <= self.step < self._last
+
+    def side_of(self, seq_len: int) -> tuple[int, int]:
+        """(h, w) of a layer from its sequence length and the latent shape."""
+        lh, lw = self.latent_hw
+        factor = math.sqrt(lh * lw / seq_len)
+        return round(lh / factor), round(lw / factor)
+
+    def conditional(self, x: torch.Tensor) -> torch.Tensor:
+        # With classifier-free guidance diffusers batches [unconditional, conditional].
+        return x[x.shape[0] // 2 :] if self.cfg else x
+
+    def add_cross(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        """probs: (B, n_query, n_tokens), mean over heads."""
+        p = probs.transpose(1, 2).float()  # (B, tokens, hw)
+        if name in self.cross:
+            self.cross[name] += p
+            self.cross_count[name] += 1
+        else:
+            self.cross[name], self.cross_count[name], self.cross_side[name] = p.clone(), 1, hw[0]
+
+    def self_accumulator(self, side: int, n: int, device, ) -> torch.Tensor:
+        if side not in self.self_attn:
+            self.self_attn[side] = torch.zeros(self.batch_size, n, n, device=device, dtype=torch.float32)
+            self.self_count[side] = 0
+        return self.self_attn[side]
+
+    def results(self) -> list[SampleAttention]:
+        """One SampleAttention per sample: averages over the recorded steps and layers (on CPU)."""
+        out = []
+        for b in range(self.batch_size):
+            cross, res = {}, {}
+            for name, acc in self.cross.items():
+                h = self.cross_side[name]
+                w = acc.shape[-1] // h
+                cross[name] = (acc[b] / self.cross_count[name]).reshape(-1, h, w).cpu()
+                res[name] = h
+            self_attn = {s: (acc[b] / self.self_count[s]).cpu() for s, acc in self.self_attn.items()}
+            feats = {k: v[b].float().cpu() for k, v in self.features.items()}
+            layers = {n: (acc[b] / self.layer_count[n]).cpu() for n, acc in self.layer_self.items()}
+            out.append(SampleAttention(cross=cross, self_attn=self_attn, cross_resolution=res, features=feats,
+                                       self_attn_layers=layers))
+        return out
+
+
+def attention_probabilities(attn, query_states: torch.Tensor, key_states: torch.Tensor, chunk_elements: int,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean-over-heads softmax(QK^T * scale), computed in row chunks.
+
+    query_states: (B, N, C) input of to_q; key_states: (B, M, C_kv) input of to_k.
+    Adds into `out` (B, N, M) if given, else returns a new tensor.
+    """
+    q = attn.to_q(query_states)
+    k = attn.to_k(key_states)
+    b, n, inner = q.shape
+    heads = attn.heads
+    d = inner // heads
+    q = q.view(b, n, heads, d).transpose(1, 2)
+    k = k.view(b, -1, heads, d).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    m = k.shape[2]
+    if out is None:
+        out = torch.zeros(b, n, m, device=q.device, dtype=torch.float32)
+    rows = max(1, chunk_elements // max(1, b * heads * m))
+    for i in range(0, n, rows):
+        scores = torch.matmul(q[:, :, i : i + rows], k.transpose(-1, -2)).float() * attn.scale
+        out[:, i : i + rows] += scores.softmax(-1).mean(1)
+    return out
+
+
+class CaptureProcessor:
+    """Wraps a layer's own processor: the output comes from it unchanged; probabilities are recorded beside."""
+
+    def __init__(self, inner, name: str, store: AttentionStore, is_cross: bool):
+        self.inner = inner
+        self.name = name
+        self.store = store
+        self.is_cross = is_cross
+        self.block = layer_block(name)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if self.store.recording:
+            with torch.no_grad():
+                self._record(attn, hidden_states, encoder_hidden_states)
+        return out
+
+    def _record(self, attn, hidden_states, encoder_hidden_states) -> None:
+        store = self.store
+        x = hidden_states
+        if x.ndim == 4:  # (B, C, H, W) blocks: flatten as the default processor does
+            x = x.flatten(2).transpose(1, 2)
+        if attn.spatial_norm is not None or attn.group_norm is not None:
+            return  # VAE-style attention; SD UNet transformer blocks have neither
+        hw = store.side_of(x.shape[1])
+        x = store.conditional(x)
+        if self.is_cross:
+            if not store.config.cross or encoder_hidden_states is None:
+                return
+            ctx = store.conditional(encoder_hidden_states)
+            if attn.norm_cross:
+                ctx = attn.norm_encoder_hidden_states(ctx)
+            probs = attention_probabilities(attn, x, ctx, store.config.chunk_elements)
+            store.add_cross(self.name, probs, hw)
+        else:
+            if not store.config.wants_self(hw[0], self.block):
+                return
+            acc = store.self_accumulator(hw[0], x.shape[1], x.device)
+            if store.config.per_layer_self:
+                probs = attention_probabilities(attn, x, x, store.config.chunk_elements)
+                acc += probs
+                if self.name in store.layer_self:
+                    store.layer_self[self.name] += probs
+                    store.layer_count[self.name] += 1
+                else:
+                    store.layer_self[self.name], store.layer_count[self.name] = probs, 1
+            else:
+                attention_probabilities(attn, x, x, store.config.chunk_elements, out=acc)
+            store.self_count[hw[0]] += 1
+
+
+def _module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    mod = root
+    for part in path.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
+@contextmanager
+def capture_attention(unet, config: CaptureConfig, batch_size: int, cfg: bool, latent_hw: tuple[int, int],
+                      num_steps: int = 1):
+    """Install capture processors on `unet` for the duration of the block; yields the AttentionStore."""
+    store = AttentionStore(config, batch_size, cfg, latent_hw, num_steps)
+    originals = dict(unet.attn_processors)
+    wrapped = {}
+    for key, proc in originals.items():
+        name = key.removesuffix(".processor")
+        kind = name.rsplit(".", 1)[-1]
+        wrapped[key] = CaptureProcessor(proc, name, store, is_cross=(kind == "attn2")) if kind in ("attn1", "attn2") \
+            else proc
+    hooks = [unet.register_forward_pre_hook(lambda *_: store.next_step())]
+    for fname, path in config.feature_modules.items():
+        def keep(_m, _inp, output, fname=fname):
+            if store.recording:
+                t = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+                t = store.conditional(t.detach())
+                if t.ndim == 3:  # (B, N, C) -> (B, C, h, w)
+                    h, w = store.side_of(t.shape[1])
+                    t = t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+                store.features[fname] = t.float()
+        hooks.append(_module(unet, path).register_forward_hook(keep))
+    unet.set_attn_processor(wrapped)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(originals)
+        for h in hooks:
+            h.remove()

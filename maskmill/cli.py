@@ -1,0 +1,161 @@
+"""maskmill command line.
+
+    maskmill generate --config configs/shapes.yaml [--set steps=10 --set output=outputs/x]
+    maskmill preview outputs/shapes-demo          # contact sheet PNG of images with mask overlays
+    maskmill validate outputs/shapes-demo         # reads every shard; exit 1 on any problem
+    maskmill serve --config configs/shapes.yaml --cron "0 3 * * *"
+    maskmill segment IMG... --bank BANK --classes circle,star [--out DIR]
+    maskmill toyworld train --out maskmill/assets/shapes-sd
+    maskmill toyworld eval [--n 64]
+    maskmill toyworld bench-masks [--n 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Offline by design: never reach for the hub, never send telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _cmd_generate(a) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        load_config(a.config, a.set)  # refuse a bad config before Prefect starts
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from flows.generate_dataset import generate_dataset
+
+    summary = generate_dataset(config_path=str(a.config), overrides=list(a.set))
+    print(json.dumps(summary, indent=1, default=str))
+    print(f"shards:        {summary['shards_dir']}")
+    print(f"contact sheet: {summary['contact_sheet']}")
+    return 0
+
+
+def _cmd_preview(a) -> int:
+    from .preview import contact_sheet
+
+    out = a.out or Path(a.run) / "contact_sheet.png"
+    contact_sheet(a.run, out, max_samples=a.max)
+    print(out)
+    return 0
+
+
+def _cmd_validate(a) -> int:
+    from .shards.validate import validate_run
+
+    report = validate_run(a.run)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_serve(a) -> int:
+    from flows.scheduled import serve
+
+    serve(config_path=str(a.config), cron=a.cron, name=a.name)
+    return 0
+
+
+def _cmd_segment(a) -> int:
+    from .segment_cli import run_segment
+
+    return run_segment(a)
+
+
+def _cmd_toyworld(a) -> int:
+    if a.toy == "train":
+        from .toyworld.train import train
+
+        print(json.dumps(train(a.out, a.steps, a.vae_steps, a.scenes, a.batch), indent=1))
+        return 0
+    from .models import load_pipeline
+
+    pipe = load_pipeline(a.model)
+    if a.toy == "eval":
+        from .toyworld.evaluate import TARGETS, evaluate, format_report
+
+        report = evaluate(pipe, a.n)
+        print(format_report(report))
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=1))
+        return 0 if all(report[k] >= t for k, t in TARGETS.items()) else 1
+    from .toyworld.bench_masks import format_table, run
+
+    methods = a.methods.split(",") if a.methods else None
+    results = run(pipe, a.n, methods)
+    print(format_table(results, a.n))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskmill", description="Synthetic segmentation data from SD attention.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="run the generate_dataset flow on a config")
+    g.add_argument("--config", type=Path, required=True)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    g.set_defaults(fn=_cmd_generate)
+
+    v = sub.add_parser("preview", help="contact sheet of a run's samples with mask overlays")
+    v.add_argument("run", type=Path)
+    v.add_argument("--out", type=Path)
+    v.add_argument("--max", type=int, default=64)
+    v.set_defaults(fn=_cmd_preview)
+
+    c = sub.add_parser("validate", help="read every shard of a run and check it")
+    c.add_argument("run", type=Path)
+    c.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("serve", help="serve the generate deployment on a cron schedule")
+    s.add_argument("--config", type=Path, required=True)
+    s.add_argument("--cron", default="0 3 * * *")
+    s.add_argument("--name", default="maskmill-nightly")
+    s.set_defaults(fn=_cmd_serve)
+
+    sg = sub.add_parser("segment", help="segment images with an OVDiff prototype bank")
+    sg.add_argument("images", nargs="+", type=Path)
+    sg.add_argument("--bank", type=Path, required=True)
+    sg.add_argument("--classes", required=True, help="comma-separated class names")
+    sg.add_argument("--model", default="shapes-sd")
+    sg.add_argument("--clip", type=Path, help="local CLIP checkpoint for the class pre-filter")
+    sg.add_argument("--out", type=Path, default=Path("outputs/segment"))
+    sg.add_argument("--no-background", action="store_true")
+    sg.set_defaults(fn=_cmd_segment)
+
+    t = sub.add_parser("toyworld", help="the shapes world: train, evaluate, benchmark masks")
+    tsub = t.add_subparsers(dest="toy", required=True)
+    tt = tsub.add_parser("train")
+    tt.add_argument("--out", type=Path, required=True)
+    tt.add_argument("--steps", type=int, default=6000)
+    tt.add_argument("--vae-steps", type=int, default=1200)
+    tt.add_argument("--scenes", type=int, default=30000)
+    tt.add_argument("--batch", type=int, default=48)
+    for name in ("eval", "bench-masks"):
+        te = tsub.add_parser(name)
+        te.add_argument("--model", default="shapes-sd")
+        te.add_argument("--n", type=int, default=64)
+        te.add_argument("--json", type=Path)
+        if name == "bench-masks":
+            te.add_argument("--methods", help="comma-separated extractor names")
+    t.set_defaults(fn=_cmd_toyworld)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""A run, described by one YAML file in `configs/` and validated before any work starts.
+
+    cfg = load_config("configs/shapes.yaml", overrides=["steps=10", "classes=[circle,star]"])
+
+Unknown keys, wrong types, negative counts, empty class lists, prompt templates without a
+class slot and missing model paths are refused with a message naming the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from .models import SCHEDULERS, ModelNotFoundError, resolve_model
+from .prompts import PromptSetError, load_prompt_set
+
+_SAFE_CLASS = r"^[A-Za-z0-9][A-Za-z0-9 _\-']*$"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class ExtractorConfig(_Strict):
+    name: str = "seediff"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterConfig(_Strict):
+    min_confidence: float = Field(0.3, ge=0, le=1)
+    min_area: float = Field(0.002, ge=0, le=1, description="smallest fraction of the image a class must cover")
+    max_area: float = Field(0.95, gt=0, le=1)
+    max_retries_factor: float = Field(2.0, ge=1, description="plan at most this many indices per requested sample")
+
+
+class RunConfig(_Strict):
+    classes: list[str] = Field(min_length=1)
+    stuff_classes: list[str] = Field(default_factory=list)
+    prompts: str = "photo"
+    classes_per_image: dict[int, float] = Field(default_factory=lambda: {1: 1.0})
+    images_per_class: PositiveInt = 8
+    model: str = "shapes-sd"
+    scheduler: Literal[tuple(SCHEDULERS)] = "ddim"  # type: ignore[valid-type]
+    steps: PositiveInt = 25
+    guidance: float = Field(4.0, ge=0)
+    height: PositiveInt = 32
+    width: PositiveInt = 32
+    batch_size: PositiveInt = 8
+    seed: int = Field(0, ge=0)
+    extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    shard_size: PositiveInt = 256
+    image_format: Literal["png", "jpg"] = "png"
+    output: str = "outputs/run"
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        import re
+
+        for name in v:
+            if not re.match(_SAFE_CLASS, name):
+                raise ValueError(f"class name {name!r} must be letters, digits, spaces, '-', '_' or \"'\"")
+        if len(set(v)) != len(v):
+            raise ValueError(f"class names repeat: {v}")
+        return v
+
+    @field_validator("classes_per_image")
+    @classmethod
+    def _cpi(cls, v: dict[int, float]) -> dict[int, float]:
+        if not v or any(k < 1 for k in v) or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("needs keys >= 1 (classes in one image) with non-negative weights, not all zero")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        unknown = set(self.stuff_classes) - set(self.classes)
+        if unknown:
+            raise ValueError(f"stuff_classes {sorted(unknown)} are not in classes")
+        if max(self.classes_per_image) > len(self.classes):
+            raise ValueError(f"classes_per_image asks for {max(self.classes_per_image)} classes in one image "
+                             f"but only {len(self.classes)} classes are given")
+        return self
+
+    @property
+    def total_samples(self) -> int:
+        return self.images_per_class * len(self.classes)
+
+    def fingerprint(self) -> str:
+        """Identity of what a run produces: everything but the output folder and the batch size."""
+        d = self.model_dump(exclude={"output", "batch_size"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: key '{key}': {msg}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`key=value` or `a.b=value`; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def parse_config(data: dict, source: str = "config", check_files: bool = True) -> RunConfig:
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    if check_files:
+        try:
+            load_prompt_set(cfg.prompts)
+        except PromptSetError as e:
+            raise ConfigError(f"{source}: key 'prompts': {e}") from None
+        try:
+            resolve_model(cfg.model)
+        except ModelNotFoundError as e:
+            raise ConfigError(f"{source}: key 'model': {e}") from None
+        from .extractors import get_extractor
+
+        try:
+            get_extractor(cfg.extractor.name, **cfg.extractor.params)
+        except ValueError as e:
+            raise ConfigError(f"{source}: key 'extractor': {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    for o in overrides or []:
+        apply_override(data, o)
+    return parse_config(data, str(path), check_files)

@@ -1,0 +1,401 @@
+"""Prototype banks (OVDiff): per class, L2-normalised feature prototypes of its foreground and background.
+
+For one class, from its support images' dense features and fg/bg masks, `build_class_bank` keeps
+for the foreground and for the background alike:
+  - "class": the mean over every masked pixel of every support image,
+  - "instance": one mean per support image,
+  - "part": k-means centroids of the masked pixels (K = 32 by default).
+Stuff classes ("sky", "grass") keep no background prototypes: their "background" is other stuff.
+
+Banks merge (`merge_banks`), lose background prototypes that look like another class's foreground
+(`drop_confusing_background`), and save as safetensors + a JSON sidecar stamped with a fingerprint
+and a hash of the tensor bytes (`save_bank` / `load_bank`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FORMAT_VERSION = 1
+SIDES = ("fg", "bg")
+KINDS = ("class", "instance", "part")
+
+
+class BankError(ValueError):
+    """A bank file cannot be used."""
+
+
+class BankCorruptedError(BankError):
+    """Unreadable files, a tensor hash that does not match, or inconsistent metadata."""
+
+
+class FingerprintMismatchError(BankError):
+    """The bank was built with other features/settings than the caller expects."""
+
+
+@dataclass(frozen=True)
+class PrototypeMeta:
+    """Where one prototype comes from."""
+
+    class_name: str
+    side: str  # "fg" | "bg"
+    kind: str  # "class" | "instance" | "part"
+    support_keys: tuple[str, ...]  # the support samples whose pixels it averages
+
+
+@dataclass
+class PrototypeBank:
+    """vectors: float32 (P, C), each row L2-normalised; meta: one PrototypeMeta per row."""
+
+    vectors: torch.Tensor
+    meta: list[PrototypeMeta]
+    fingerprint: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or len(self.meta) != self.vectors.shape[0]:
+            raise ValueError(f"vectors (P, C) and meta must agree: {tuple(self.vectors.shape)} vs {len(self.meta)} meta")
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    @property
+    def channels(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in first-appearance order."""
+        return list(dict.fromkeys(m.class_name for m in self.meta))
+
+    def mask(self, classes: list[str] | None = None, side: str | None = None,
+             kinds: tuple[str, ...] | None = None) -> torch.Tensor:
+        """Boolean (P,) selecting prototypes of these classes / side / kinds (None = any)."""
+        wanted = set(classes) if classes is not None else None
+        return torch.tensor([
+            (wanted is None or m.class_name in wanted) and (side is None or m.side == side)
+            and (kinds is None or m.kind in kinds)
+            for m in self.meta
+        ], dtype=torch.bool)
+
+    def subset(self, keep: torch.Tensor) -> "PrototypeBank":
+        idx = torch.nonzero(keep, as_tuple=False).flatten().tolist()
+        return PrototypeBank(self.vectors[idx].clone(), [self.meta[i] for i in idx], self.fingerprint)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """class -> {"fg": n, "bg": n}: a quick look at what a bank holds."""
+        out: dict[str, dict[str, int]] = {}
+        for m in self.meta:
+            out.setdefault(m.class_name, {"fg": 0, "bg": 0})[m.side] += 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+def _masks_at(masks: torch.Tensor | np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
+    """bool (N, h, w) masks at the feature grid; larger masks are area-downsampled (pixel kept if >= half)."""
+    m = torch.as_tensor(np.asarray(masks)).bool()
+    if m.ndim != 3:
+        raise ValueError(f"masks must be (N, h, w), got {tuple(m.shape)}")
+    if tuple(m.shape[-2:]) != hw:
+        m = F.interpolate(m[:, None].float(), size=hw, mode="area")[:, 0] >= 0.5
+    return m
+
+
+def _kmeans_parts(points: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(centroids (k', C), point -> centroid labels). k' <= k: never more parts than distinct points,
+    never an empty part.
+
+    scipy's kmeans2 with k-means++ init and a seeded Generator: deterministic, and no k-means of
+    our own to maintain. float32 throughout: SD features have thousands of channels.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    data = points.contiguous().numpy().astype(np.float32)
+    unique, inverse = np.unique(data, axis=0, return_inverse=True)
+    if len(unique) <= k:  # no more distinct points than parts: each point is its own part
+        return torch.from_numpy(unique).float(), inverse.reshape(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "one of the clusters is empty": dropped below
+        centroids, labels = kmeans2(data, k, minit="++", seed=np.random.default_rng(seed))
+    used = np.unique(labels)
+    remap = np.full(k, -1)
+    remap[used] = np.arange(len(used))
+    return torch.from_numpy(centroids[used]).float(), remap[labels]
+
+
+def _masked_pixels(features: torch.Tensor, i: int, mask: torch.Tensor) -> torch.Tensor:
+    """Image i's masked pixels as unit vectors (M, C), fp32. Gathered per image so only one
+    image's pixels are ever copied (32 SD support maps at 64x64 are ~3.5 GB in fp32)."""
+    return F.normalize(features[i].permute(1, 2, 0)[mask].float(), dim=1)
+
+
+def _side_prototypes(class_name: str, side: str, features: torch.Tensor, masks: torch.Tensor,
+                     support_keys: list[str], k_parts: int, seed: int, max_points: int):
+    """Class mean, per-image means and k-means parts of the masked pixels of one side."""
+    counts = masks.flatten(1).sum(1).tolist()
+    present = [i for i, n in enumerate(counts) if n]
+    if not present:
+        return [], []
+    total = sum(counts)
+    # The k-means sample, drawn up front as global pixel indices (seeded) so it can be gathered
+    # image by image; each part then knows which support images it came from.
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)
+    starts = np.cumsum([0] + counts)
+    class_sum = torch.zeros(features.shape[1])
+    instance_means, sampled, owners = [], [], []
+    for i in present:
+        pixels = _masked_pixels(features, i, masks[i])
+        class_sum += pixels.sum(0)
+        instance_means.append(pixels.mean(0))
+        local = sample[(sample >= starts[i]) & (sample < starts[i + 1])] - starts[i]
+        sampled.append(pixels[torch.from_numpy(local)])
+        owners.append(np.full(len(local), i))
+    vectors = [class_sum / total] + instance_means
+    meta = [PrototypeMeta(class_name, side, "class", tuple(support_keys[i] for i in present))]
+    meta += [PrototypeMeta(class_name, side, "instance", (support_keys[i],)) for i in present]
+    if k_parts > 0:
+        owner = np.concatenate(owners)
+        centroids, labels = _kmeans_parts(torch.cat(sampled), k_parts, seed)
+        for j in range(len(centroids)):
+            vectors.append(centroids[j])
+            from_images = sorted(set(owner[labels == j].tolist()))
+            meta.append(PrototypeMeta(class_name, side, "part", tuple(support_keys[i] for i in from_images)))
+    return vectors, meta
+
+
+def build_class_bank(class_name: str, features: torch.Tensor, fg_masks, bg_masks, support_keys: list[str],
+                     k_parts: int = 32, seed: int = 0, stuff: bool = False,
+                     max_kmeans_points: int = 20000, fingerprint: dict | None = None) -> PrototypeBank:
+    """One class's bank from its support set.
+
+    features: (N, C, h, w) dense features of the N support images (any scale: pixels are
+              L2-normalised first so every pixel weighs the same in the means).
+    fg_masks, bg_masks: bool (N, h, w) (or larger: area-downsampled to the feature grid).
+    support_keys: one id per support image, recorded in the prototypes' metadata.
+    stuff: keep no background prototypes.
+    """
+    features = torch.as_tensor(features)  # any float dtype; cast per image, not as a whole
+    if features.ndim != 4:
+        raise ValueError(f"features must be (N, C, h, w), got {tuple(features.shape)}")
+    n, _, h, w = features.shape
+    if len(support_keys) != n:
+        raise ValueError(f"{len(support_keys)} support keys for {n} feature maps")
+    vectors: list[torch.Tensor] = []
+    meta: list[PrototypeMeta] = []
+    sides = [("fg", fg_masks)] + ([] if stuff else [("bg", bg_masks)])
+    for side, masks in sides:
+        masks = _masks_at(masks, (h, w))
+        if len(masks) != n:
+            raise ValueError(f"{len(masks)} {side} masks for {n} feature maps")
+        v, m = _side_prototypes(class_name, side, features, masks, list(support_keys), k_parts, seed, max_kmeans_points)
+        if side == "fg" and not v:
+            raise ValueError(f"class {class_name!r}: every foreground mask is empty, no prototype can be built")
+        vectors += v
+        meta += m
+    return PrototypeBank(F.normalize(torch.stack(vectors), dim=1), meta, fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------
+# combining
+
+
+def merge_banks(banks: list[PrototypeBank]) -> PrototypeBank:
+    """Concatenate banks of distinct classes built with the same features.
+
+    Refuses a class present in two banks (a caching bug would otherwise double-count it) and
+    banks whose feature extractors differ (their prototypes are not comparable). The merged
+    fingerprint keeps the entries all banks agree on.
+    """
+    if not banks:
+        raise ValueError("no banks to merge")
+    seen: dict[str, int] = {}
+    for i, bank in enumerate(banks):
+        for c in bank.classes:
+            if c in seen:
+                raise ValueError(f"class {c!r} is in bank {seen[c]} and bank {i}")
+            seen[c] = i
+    channels = {b.channels for b in banks}
+    if len(channels) > 1:
+        raise ValueError(f"banks have different feature sizes: {sorted(channels)}")
+    extractors = [b.fingerprint.get("feature_extractor") for b in banks if b.fingerprint]
+    if any(e != extractors[0] for e in extractors[1:]):
+        raise ValueError("banks were built with different feature extractors: "
+                         + "; ".join(fingerprint_differences(extractors[0], e)[0] for e in extractors[1:] if e != extractors[0]))
+    fingerprint = None
+    if all(b.fingerprint for b in banks):
+        first = banks[0].fingerprint
+        fingerprint = {k: v for k, v in first.items() if all(b.fingerprint.get(k) == v for b in banks[1:])}
+    return PrototypeBank(torch.cat([b.vectors for b in banks]), [m for b in banks for m in b.meta], fingerprint)
+
+
+def drop_confusing_background(bank: PrototypeBank, threshold: float = 0.85) -> PrototypeBank:
+    """Drop bg prototypes whose cosine to some *other* class's fg prototype exceeds `threshold`.
+
+    A dog image's background may contain a cat; kept, that prototype would label cats background.
+    """
+    bg_idx = [i for i, m in enumerate(bank.meta) if m.side == "bg"]
+    fg_idx = [i for i, m in enumerate(bank.meta) if m.side == "fg"]
+    if not bg_idx or not fg_idx:
+        return bank
+    sims = bank.vectors[bg_idx] @ bank.vectors[fg_idx].T  # (B, F), rows unit-norm
+    bg_class = [bank.meta[i].class_name for i in bg_idx]
+    fg_class = [bank.meta[i].class_name for i in fg_idx]
+    other = torch.tensor([[b != f for f in fg_class] for b in bg_class], dtype=torch.bool)
+    confusing = ((sims > threshold) & other).any(1)
+    keep = torch.ones(len(bank), dtype=torch.bool)
+    keep[torch.tensor(bg_idx)[confusing]] = False
+    return bank.subset(keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def maskmill_version() -> str:
+    import maskmill
+
+    return str(getattr(maskmill, "__version__", "0"))
+
+
+def make_fingerprint(extractor_fingerprint: dict, settings: dict) -> dict:
+    """What identifies a bank: model, feature extractor, build settings, maskmill code version."""
+    return {
+        "model": extractor_fingerprint.get("model"),
+        "feature_extractor": extractor_fingerprint,
+        "settings": settings,
+        "maskmill_version": maskmill_version(),
+    }
+
+
+def canonical_json(obj) -> str:
+    # Round-trip through JSON first so tuples and lists (and int keys) compare alike.
+    return json.dumps(json.loads(json.dumps(obj, default=str)), sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint_hash(fingerprint: dict) -> str:
+    return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
+
+
+def fingerprint_differences(stored, expected, prefix: str = "") -> list[str]:
+    """Human-readable list of the keys whose values differ, e.g. "feature_extractor.timestep: 200 != 300"."""
+    stored, expected = json.loads(canonical_json(stored)), json.loads(canonical_json(expected))
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        out = []
+        for k in sorted(set(stored) | set(expected)):
+            key = f"{prefix}{k}"
+            if k not in stored:
+                out.append(f"{key}: missing in bank (expected {expected[k]!r})")
+            elif k not in expected:
+                out.append(f"{key}: not expected (bank has {stored[k]!r})")
+            else:
+                out += fingerprint_differences(stored[k], expected[k], key + ".")
+        return out
+    return [] if stored == expected else [f"{prefix.rstrip('.')}: bank has {stored!r}, expected {expected!r}"]
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def bank_paths(path: str | Path) -> tuple[Path, Path]:
+    """`x/bank.safetensors` (or `x/bank`) -> (tensor file, JSON sidecar)."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _tensor_sha256(vectors: torch.Tensor) -> str:
+    return hashlib.sha256(vectors.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    # Write beside the target then rename: a killed run never leaves a half-written bank.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_bank(bank: PrototypeBank, path: str | Path, fingerprint: dict | None = None) -> Path:
+    """Write `<stem>.safetensors` then `<stem>.json` (last: its presence marks a complete bank)."""
+    from safetensors.torch import save_file
+
+    tensor_path, meta_path = bank_paths(path)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = fingerprint if fingerprint is not None else bank.fingerprint
+    if fingerprint is None:
+        raise ValueError("a bank is saved with a fingerprint: pass one or set bank.fingerprint")
+    vectors = bank.vectors.float().contiguous()
+    _atomic_write(tensor_path, lambda p: save_file({"vectors": vectors}, p))
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": json.loads(canonical_json(fingerprint)),
+        "fingerprint_hash": fingerprint_hash(fingerprint),
+        "tensor_file": tensor_path.name,
+        "tensor_sha256": _tensor_sha256(vectors),
+        "shape": list(vectors.shape),
+        "classes": bank.classes,
+        "prototypes": [asdict(m) for m in bank.meta],
+    }
+    _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(sidecar, indent=1)))
+    return tensor_path
+
+
+def load_bank(path: str | Path, expected_fingerprint: dict | None = None) -> PrototypeBank:
+    """Read a bank; refuse unreadable/corrupted files and (if given) a different fingerprint."""
+    from safetensors.torch import load_file
+
+    tensor_path, meta_path = bank_paths(path)
+    try:
+        sidecar = json.loads(meta_path.read_text())
+        meta = [PrototypeMeta(p["class_name"], p["side"], p["kind"], tuple(p["support_keys"]))
+                for p in sidecar["prototypes"]]
+        stored_hash, fingerprint = sidecar["tensor_sha256"], sidecar["fingerprint"]
+    except Exception as e:  # noqa: BLE001
+        raise BankCorruptedError(f"bank metadata {meta_path} is unreadable: {type(e).__name__}: {e}") from None
+    if sidecar.get("format_version") != FORMAT_VERSION:
+        raise BankCorruptedError(f"bank {meta_path} has format {sidecar.get('format_version')}, "
+                                 f"this maskmill reads {FORMAT_VERSION}")
+    try:
+        vectors = load_file(str(tensor_path))["vectors"]
+    except Exception as e:  # noqa: BLE001
+        raise BankCorruptedError(f"bank tensors {tensor_path} are unreadable: {type(e).__name__}: {e}") from None
+    actual_hash = _tensor_sha256(vectors)
+    if actual_hash != stored_hash:
+        raise BankCorruptedError(f"bank tensors {tensor_path} are corrupted: sha256 {actual_hash[:16]}… "
+                                 f"!= recorded {stored_hash[:16]}…")
+    if vectors.ndim != 2 or len(meta) != vectors.shape[0]:
+        raise BankCorruptedError(f"bank {tensor_path}: {len(meta)} metadata rows for tensor {tuple(vectors.shape)}")
+    if expected_fingerprint is not None:
+        diffs = fingerprint_differences(fingerprint, expected_fingerprint)
+        if diffs:
+            raise FingerprintMismatchError(f"bank {tensor_path} was built with a different fingerprint: "
+                                           + "; ".join(diffs))
+    return PrototypeBank(vectors, meta, fingerprint)
+
+
+def with_fingerprint(bank: PrototypeBank, fingerprint: dict) -> PrototypeBank:
+    return replace(bank, fingerprint=fingerprint)
+
+
+__all__ = [
+    "BankCorruptedError", "BankError", "FingerprintMismatchError", "PrototypeBank", "PrototypeMeta",
+    "build_class_bank", "drop_confusing_background", "fingerprint_differences", "fingerprint_hash",
+    "load_bank", "make_fingerprint", "merge_banks", "save_bank", "with_fingerprint",
+]

@@ -1,0 +1,121 @@
+"""A per-class cache of prototype banks keyed on the fingerprint.
+
+Layout: `root/<safe class name>/<fingerprint hash>/bank.{safetensors,json}`. Asking for classes
+{A, B} after {A} was built with the same fingerprint builds only B; changing the model, the
+feature extractor or a setting changes the hash, so stale banks are never reused (and stay on
+disk until someone deletes them). Class names come from users: they are percent-encoded into
+one directory name, and names with path separators or '..' are refused outright.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
+
+from .bank import BankError, PrototypeBank, fingerprint_hash, load_bank, merge_banks, save_bank, with_fingerprint
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 128
+BANK_FILE = "bank.safetensors"
+
+Fingerprint = dict | Callable[[str], dict]  # shared by all classes, or per class (e.g. a stuff flag)
+
+
+class UnsafeClassNameError(ValueError):
+    """A class name that could escape the cache root (or is not a usable name at all)."""
+
+
+def safe_class_dirname(class_name: str) -> str:
+    """One directory name for a class, never a path: refuse separators, '..', NUL, empty names;
+    percent-encode everything else that is not [A-Za-z0-9 _.-] (so distinct names stay distinct)."""
+    if not isinstance(class_name, str) or not class_name.strip():
+        raise UnsafeClassNameError(f"class name must be a non-empty string, got {class_name!r}")
+    bad = [s for s in ("/", "\\", "\x00", "..", os.sep, os.altsep) if s and s in class_name]
+    if bad:
+        raise UnsafeClassNameError(f"class name {class_name!r} contains {bad[0]!r}: path separators and '..' "
+                                   "are not allowed in class names")
+    name = quote(class_name, safe=" _.-")
+    if name.startswith("."):  # no hidden directories, and never "." itself
+        name = "%2E" + name[1:]
+    if len(name) > MAX_NAME_CHARS:
+        raise UnsafeClassNameError(f"class name {class_name[:40]!r}… is longer than {MAX_NAME_CHARS} characters encoded")
+    return name
+
+
+@dataclass
+class CacheResult:
+    """The merged bank of the requested classes and what happened to each class."""
+
+    bank: PrototypeBank
+    built: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    rebuilt_after_error: dict[str, str] = field(default_factory=dict)  # class -> why its cached bank was unusable
+
+
+class BankCache:
+    """Banks of single classes under `root`, one directory per (class, fingerprint)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def entry_path(self, class_name: str, fingerprint: dict) -> Path:
+        """`root/<class>/<hash>/bank.safetensors`, checked to lie inside root."""
+        path = self.root / safe_class_dirname(class_name) / fingerprint_hash(fingerprint) / BANK_FILE
+        # Defence in depth: even a name the checks above missed must not leave root.
+        root = self.root.resolve()
+        if root not in path.resolve().parents:
+            raise UnsafeClassNameError(f"class name {class_name!r} resolves outside the cache root {root}")
+        return path
+
+    def load(self, class_name: str, fingerprint: dict) -> PrototypeBank | None:
+        """The cached bank, None if absent; BankError if present but unusable."""
+        path = self.entry_path(class_name, fingerprint)
+        if not path.with_suffix(".json").exists():  # the sidecar is written last: no sidecar, no bank
+            return None
+        bank = load_bank(path, expected_fingerprint=fingerprint)
+        if bank.classes != [class_name]:
+            raise BankError(f"{path} holds classes {bank.classes}, expected [{class_name!r}]")
+        return bank
+
+    def store(self, class_name: str, fingerprint: dict, bank: PrototypeBank) -> Path:
+        if bank.classes != [class_name]:
+            raise ValueError(f"build_fn for {class_name!r} returned a bank of classes {bank.classes}")
+        return save_bank(bank, self.entry_path(class_name, fingerprint), fingerprint)
+
+    def get_or_build(self, classes: list[str], fingerprint: Fingerprint,
+                     build_fn: Callable[[str], PrototypeBank]) -> CacheResult:
+        """Merged bank of `classes`: cached banks with this fingerprint are reused, the others are
+        built with `build_fn(class_name)` (a bank of that class only) and stored.
+
+        fingerprint: one dict for every class, or a function class -> dict for per-class
+        settings. A cached bank that fails to load (corrupted, mismatched) is rebuilt, and the
+        reason is reported.
+        """
+        fingerprint_of = fingerprint if callable(fingerprint) else (lambda _c: fingerprint)
+        for c in classes:  # refuse bad names before any work is done
+            safe_class_dirname(c)
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"duplicate class names in {classes}")
+        result = CacheResult(bank=None)  # type: ignore[arg-type]
+        banks = []
+        for c in classes:
+            fp = fingerprint_of(c)
+            try:
+                bank = self.load(c, fp)
+            except BankError as e:
+                log.warning("cached bank of %r unusable, rebuilding: %s", c, e)
+                result.rebuilt_after_error[c] = str(e)
+                bank = None
+            if bank is None:
+                bank = with_fingerprint(build_fn(c), fp)
+                self.store(c, fp, bank)
+                result.built.append(c)
+            else:
+                result.reused.append(c)
+            banks.append(bank)
+        result.bank = merge_banks(banks)
+        return result
