@@ -8,6 +8,7 @@
     maskmill toyworld train --out maskmill/assets/shapes-sd
     maskmill toyworld eval [--n 64]
     maskmill toyworld bench-masks [--n 64]
+    maskmill toyworld bench-ovdiff [--n-support 32] [--n-test 64] [--k-parts 32]
 """
 from __future__ import annotations
 
@@ -26,15 +27,23 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 def _cmd_generate(a) -> int:
     from .config import ConfigError, load_config
+    from .runner import check_run_folder, run_distributed, world_size
 
     try:
-        load_config(a.config, a.set)  # refuse a bad config before Prefect starts
+        cfg = load_config(a.config, a.set)  # refuse a bad config before Prefect starts
+        check_run_folder(cfg)  # and a folder holding another config's run (RunConflictError)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from flows.generate_dataset import generate_dataset
+    if world_size() > 1:  # accelerate launch / torchrun: split the pending shards between processes
+        summary = run_distributed(cfg, str(a.config), list(a.set))
+        if summary is None:
+            return 0  # not the main process: it prints for everyone
+    else:
+        from flows.generate_dataset import generate_dataset
 
-    summary = generate_dataset(config_path=str(a.config), overrides=list(a.set))
+        summary = generate_dataset(config_path=str(a.config), overrides=list(a.set))
+    summary = {k: v for k, v in summary.items() if k != "per_shard"}
     print(json.dumps(summary, indent=1, default=str))
     print(f"shards:        {summary['shards_dir']}")
     print(f"contact sheet: {summary['contact_sheet']}")
@@ -61,7 +70,7 @@ def _cmd_validate(a) -> int:
 def _cmd_serve(a) -> int:
     from flows.scheduled import serve
 
-    serve(config_path=str(a.config), cron=a.cron, name=a.name)
+    serve(config_path=str(a.config), cron=a.cron, name=a.name, overrides=list(a.set))
     return 0
 
 
@@ -77,6 +86,10 @@ def _cmd_toyworld(a) -> int:
 
         print(json.dumps(train(a.out, a.steps, a.vae_steps, a.scenes, a.batch), indent=1))
         return 0
+    if a.toy == "bench-ovdiff":
+        from .toyworld.bench_ovdiff import main_args
+
+        return main_args(a)
     from .models import load_pipeline
 
     pipe = load_pipeline(a.model)
@@ -121,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, required=True)
     s.add_argument("--cron", default="0 3 * * *")
     s.add_argument("--name", default="maskmill-nightly")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     s.set_defaults(fn=_cmd_serve)
 
     sg = sub.add_parser("segment", help="segment images with an OVDiff prototype bank")
@@ -148,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
         te.add_argument("--json", type=Path)
         if name == "bench-masks":
             te.add_argument("--methods", help="comma-separated extractor names")
+    to = tsub.add_parser("bench-ovdiff", help="OVDiff banks from generated support, mIoU on rendered scenes")
+    to.add_argument("--model", default="shapes-sd")
+    to.add_argument("--n-support", type=int, default=32)
+    to.add_argument("--n-test", type=int, default=64)
+    to.add_argument("--k-parts", type=int, default=32)
+    to.add_argument("--timestep", type=int, default=200)
+    to.add_argument("--feature-size", type=int, help="resize images to this side before the UNet (default: as is)")
+    to.add_argument("--refine", action="store_true", help="also report full + PAMR refinement")
+    to.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy machine)")
+    to.add_argument("--json", type=Path)
     t.set_defaults(fn=_cmd_toyworld)
     return p
 

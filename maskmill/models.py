@@ -72,7 +72,8 @@ def pipeline_class_name(model: str) -> str:
     else:
         from huggingface_hub import hf_hub_download
 
-        index = json.loads(Path(hf_hub_download(src, "model_index.json", local_files_only=True)).read_text())
+        index = json.loads(Path(hf_hub_download(src, "model_index.json", local_files_only=True,
+                                                cache_dir=hf_cache_dir())).read_text())
     return index.get("_class_name", "StableDiffusionPipeline")
 
 
@@ -92,6 +93,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, scheduler: str | None = None, devi
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     cls_name = pipeline_class_name(model)
     kwargs = dict(local_files_only=True, torch_dtype=dtype)
+    if not isinstance(src, Path):  # a hub id: read the same cache resolve_model looked in
+        kwargs["cache_dir"] = hf_cache_dir()
     if "XL" in cls_name:
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(src, **kwargs)
     else:

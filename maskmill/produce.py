@@ -5,7 +5,8 @@ worker process); everything else follows from the config and the shard id.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from itertools import islice
 
 import numpy as np
@@ -57,12 +58,16 @@ def class_specs(tokenizer, sample: PlannedSample) -> list[ClassSpec]:
 
 
 def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor: Extractor,
-                  progress=None) -> Iterator[SampleRecord]:
+                  progress=None, generation_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
+                  ) -> Iterator[SampleRecord]:
     """Records of one shard, generated batch by batch until its quota of accepted samples is met.
 
     Each batch asks for no more than the samples still missing, so no image is generated in vain
-    and a shard's batches depend only on the config.
+    and a shard's batches depend only on the config. `generation_gate()`, if given, is entered
+    around each batch's generation only (not extraction or writing), e.g. a Prefect global
+    concurrency slot per GPU.
     """
+    gate = generation_gate or contextlib.nullcontext
     ids = plan.class_ids()
     settings = settings_of(cfg)
     capture = capture_config_for(extractor, pipe, cfg)
@@ -72,8 +77,9 @@ def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor:
         batch = list(islice(candidates, min(cfg.batch_size, need)))
         if not batch:
             break  # the shard's candidate range is used up: the stats show the shortfall
-        images, attns = generate_with_attention(pipe, [s.prompt.text for s in batch], [s.seed for s in batch],
-                                                settings, capture)
+        with gate():
+            images, attns = generate_with_attention(pipe, [s.prompt.text for s in batch], [s.seed for s in batch],
+                                                    settings, capture)
         for sample, image, attn in zip(batch, images, attns):
             names = sample.class_names
             result = extractor.extract(attn, class_specs(pipe.tokenizer, sample), image)
@@ -93,9 +99,10 @@ def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor:
 
 
 def produce_shard(cfg: RunConfig, shard_id: int, pipe, shards_dir, extractor: Extractor | None = None,
-                  progress=None) -> ShardStats:
+                  progress=None, generation_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
+                  ) -> ShardStats:
     """Generate, extract, filter and write shard `shard_id`; returns its stats (written last)."""
     plan = RunPlan(cfg)
     extractor = extractor or get_extractor(cfg.extractor.name, **cfg.extractor.params)
-    records = shard_records(cfg, plan, shard_id, pipe, extractor, progress)
+    records = shard_records(cfg, plan, shard_id, pipe, extractor, progress, generation_gate)
     return write_shard(shards_dir, shard_id, records, image_format=cfg.image_format, mtime=0.0)

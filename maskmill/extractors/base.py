@@ -98,7 +98,8 @@ def resolve_labels(soft: np.ndarray, foreground: np.ndarray, margin: float = 0.0
     labels[any_fg] = (best[any_fg] + 1).astype(np.uint8)
     if k > 1:
         second = np.sort(scores, axis=0)[-2]
-        tie = any_fg & np.isfinite(second) & (top - second < margin)
+        with np.errstate(invalid="ignore"):  # -inf - -inf where no class is foreground: masked out below
+            tie = any_fg & np.isfinite(second) & (top - second < margin)
         labels[tie] = IGNORE
     return labels
 

@@ -105,15 +105,28 @@ class SeeDiffExtractor(Extractor):
         else:
             refined = coarse
         fg = (refined > self.final_threshold).numpy()
-        final_soft = (refined * soft).numpy().astype(np.float32)  # keeps attention strength inside the mask
+        # keeps attention strength inside the mask; PAMR's weighted averages can overshoot 1 by rounding
+        final_soft = np.clip((refined * soft).numpy(), 0.0, 1.0).astype(np.float32)
         labels = resolve_labels(final_soft, fg, self.margin)
-        confidence = np.array([_confidence(soft[k].numpy(), labels == k + 1) for k in range(len(classes))],
+        # Confidence rests on the class's own cross-attention, not on the expanded map: expansion makes a
+        # crisp region out of any seeds, even those Otsu picks from a token that attends everywhere alike.
+        evidence = self.evidence_maps(attn, classes, (h, w))
+        confidence = np.array([_confidence(evidence[k].numpy(), labels == k + 1) for k in range(len(classes))],
                               dtype=np.float32)
         return MaskResult(labels=labels, soft=final_soft, confidence=confidence)
 
+    def evidence_maps(self, attn: SampleAttention, classes: list[ClassSpec], hw: tuple[int, int]) -> torch.Tensor:
+        """Each class's normalised cross-attention at the seed side (step 1 before squaring), upsampled: (K, H, W)."""
+        side = self._seed_side(attn)
+        maps = [minmax(resize(class_cross_map(attn, spec, side, self.cross_sides), hw)) for spec in classes]
+        return torch.stack(maps) if maps else torch.zeros(0, *hw)
+
 
 def _confidence(soft: np.ndarray, mask: np.ndarray) -> float:
-    """High when the map is strong inside the mask and weak outside it; 0 for an empty mask."""
+    """High when the map is strong inside the mask and weak outside it; 0 for an empty mask.
+
+    With the class's min-max normalised cross-attention as `soft`, a token that attends everywhere
+    alike scores about 0 whatever mask the expansion produced."""
     if not mask.any():
         return 0.0
     inside = float(soft[mask].mean())

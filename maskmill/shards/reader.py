@@ -45,9 +45,11 @@ def decode_image(data: bytes) -> np.ndarray:
 def raw_samples(tar_path: str | os.PathLike) -> wds.WebDataset:
     """The tar's samples as dicts of raw bytes ("__key__", "__url__", fields), in tar order.
 
-    Iterating raises (e.g. tarfile.ReadError) if the tar is truncated or malformed.
+    Iterating raises (e.g. tarfile.ReadError) if the tar is truncated or malformed. Never split
+    by node: one given tar is read whole, also inside a torchrun/accelerate launch (WORLD_SIZE > 1),
+    where webdataset's default node splitter would refuse to read it.
     """
-    return wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False)
+    return wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False, nodesplitter=None)
 
 
 def decoded_samples(tar_path: str | os.PathLike) -> wds.WebDataset:

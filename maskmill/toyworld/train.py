@@ -73,7 +73,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, log)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            log({"stage": "vae", "step": step, "mse": float(F.mse_loss(rec, x))})
+            log({"stage": "vae", "step": step, "mse": float(F.mse_loss(rec.detach(), x))})
     vae.eval()
 
 
@@ -88,7 +88,8 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
 
 
 def train(out: Path, steps: int = 7000, vae_steps: int = 1500, scenes: int = 30000, batch: int = 48,
-          lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000) -> dict:
+          lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
+          data_cache: str | None = None, workers: int = 2) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -103,7 +104,14 @@ def train(out: Path, steps: int = 7000, vae_steps: int = 1500, scenes: int = 300
         history.append(rec)
         print(json.dumps(rec), flush=True)
 
-    images_np, captions = render_training_set(scenes, seed)
+    cache = Path(data_cache) if data_cache else None
+    if cache is not None and cache.exists():
+        with np.load(cache) as d:
+            images_np, captions = d["images"], [str(c) for c in d["captions"]]
+    else:
+        images_np, captions = render_training_set(scenes, seed, workers)
+        if cache is not None:
+            np.savez(cache, images=images_np, captions=np.array(captions))
     images = _to_tensor(images_np)
     images = torch.cat([images, images.flip(-1)])  # all four shapes are mirror-symmetric
     captions = captions + captions
@@ -111,7 +119,7 @@ def train(out: Path, steps: int = 7000, vae_steps: int = 1500, scenes: int = 300
 
     vae, text_encoder, unet = build_models()
     tokenizer = clip_tokenizer()
-    train_vae(vae, images, vae_steps, 64, 1e-3, log)
+    train_vae(vae, images, vae_steps, vae_batch, 1e-3, log)
     mean, std = encode_latents(vae, images)
     scaling = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -186,11 +194,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--data-cache", help="npz file: rendered scenes are loaded from it, or saved to it")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed)
+    train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed, vae_batch=a.vae_batch,
+          data_cache=a.data_cache, workers=a.workers)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,234 @@
+"""Benchmark the orchestration: the Prefect flow vs the same work called directly; memory vs sample count.
+
+Run from the repository root:
+
+    python benchmarks/bench_orchestration.py                  # quick: 128 samples, memory 256 vs 2,048 (~6 min here)
+    python benchmarks/bench_orchestration.py --samples 512    # the target: <= 5 % extra wall time at 512 samples
+    python benchmarks/bench_orchestration.py --skip-memory --repeats 3
+
+1. Overhead. An end-to-end shapes-world run (configs/shapes.yaml, its 25 steps, `--samples`
+   samples in shards of 32) made twice on fresh folders: by `maskmill.runner.run_direct`
+   (no Prefect) and by the `generate_dataset` flow (plan task, one mapped task per shard,
+   validation, preview, summary, progress/table/markdown artifacts, INFO logs shipped to the
+   API). Both load the pipeline once (the flow's worker cache is cleared before each run),
+   validate and draw the contact sheet. The Prefect API is a local server started once
+   (PREFECT_API_URL if set, else the ephemeral server of an isolated PREFECT_HOME), as in
+   production where a server is up: its one-time start-up and the first flow run of a process
+   (engine warm-up) are measured separately and reported as fixed costs, not per-run overhead.
+   Runs alternate (direct, flow, flow, direct, ...). Target: flow / direct - 1 <= 5 % at 512.
+2. Memory. Peak RSS of fresh subprocesses that run the flow (`--memory-mode direct`: the
+   runner) on 256 and on 2,048 samples of a fast config (1 step, batch 32, shards of 128,
+   permissive filter), printed with the growth over the RSS just before the run and as a ratio.
+   Records stream through the writer and the flow holds one small dict per shard, so the ratio
+   should stay near 1.
+
+Model: the embedded `shapes-sd` if maskmill/assets/shapes-sd/model_index.json exists, else a
+tiny random SD 1.x pipeline of the same architecture (same cost per step; its masks are
+meaningless, so the filter is made permissive to keep the work per sample the same); the run
+says which. torch uses `--threads` threads (default 1: the machine is shared, and one thread
+makes wall times far steadier than two threads contending with other jobs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EMBEDDED = REPO / "maskmill" / "assets" / "shapes-sd"
+PERMISSIVE = ["filter.min_confidence=0", "filter.min_area=0", "filter.max_area=1"]
+
+
+def save_tiny_pipeline(path: Path) -> Path:
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from maskmill.toyworld.build import build_models, clip_tokenizer
+
+    torch.manual_seed(0)
+    vae, text_encoder, unet = build_models()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+def pick_model(tmp: Path, choice: str) -> tuple[str, list[str], str]:
+    """(model, extra overrides, description)."""
+    if choice == "auto":
+        choice = "shapes-sd" if (EMBEDDED / "model_index.json").exists() else "tiny"
+    if choice == "shapes-sd":
+        return "shapes-sd", [], f"embedded shapes-sd ({EMBEDDED})"
+    path = tmp / "tiny-sd"
+    if not (path / "model_index.json").exists():
+        save_tiny_pipeline(path)
+    return str(path), PERMISSIVE, "tiny random SD 1.x pipeline (shapes-sd architecture; shapes-sd not found)"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- memory child -------------------------------------------------------------------------------------
+def memory_child(mode: str, samples: int, model: str, extra: list[str], out: Path, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from maskmill.config import load_config
+
+    overrides = [f"model={model}", f"images_per_class={samples // 4}", "steps=1", "batch_size=32",
+                 "shard_size=128", f"output={out}", *extra]
+    cfg_path = REPO / "configs" / "shapes.yaml"
+    cfg = load_config(cfg_path, overrides)
+    if mode == "flow":
+        from flows.generate_dataset import generate_dataset
+    before = rss_mb()
+    t = time.perf_counter()
+    if mode == "flow":
+        summary = generate_dataset(str(cfg_path), overrides)
+    else:
+        from maskmill.runner import run_direct
+
+        summary = run_direct(cfg, cfg_path, progress=False)
+    print("RESULT " + json.dumps({"samples": samples, "accepted": summary["accepted"], "rss_before_mb": before,
+                                  "peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - t}), flush=True)
+
+
+def run_memory(args, model: str, extra: list[str], tmp: Path) -> list[dict]:
+    results = []
+    env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect-home-mem"), OMP_NUM_THREADS=str(args.threads))
+    env.pop("PREFECT_API_URL", None)  # each child: its own ephemeral server in its own PREFECT_HOME
+    for n in args.memory_samples:
+        cmd = [sys.executable, __file__, "--memory-child", args.memory_mode, str(n), model, str(tmp / f"mem-{n}"),
+               json.dumps(extra), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"memory child for {n} samples failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        results.append(json.loads(line[-1][7:]))
+        r = results[-1]
+        print(f"  {n:5d} samples: peak RSS {r['peak_rss_mb']:7.1f} MB, growth during the run "
+              f"{r['peak_rss_mb'] - r['rss_before_mb']:6.1f} MB, {r['seconds']:6.1f} s", flush=True)
+    return results
+
+
+# --- overhead -------------------------------------------------------------------------------------------
+def run_overhead(args, model: str, extra: list[str], tmp: Path) -> dict:
+    from maskmill.config import load_config
+    from maskmill.runner import clear_pipeline_cache, run_direct
+
+    cfg_path = REPO / "configs" / "shapes.yaml"
+    if args.samples % 4:
+        sys.exit("--samples must be a multiple of 4 (4 classes)")
+    base = [f"model={model}", f"images_per_class={args.samples // 4}", "shard_size=32", *extra]
+    if args.steps:
+        base.append(f"steps={args.steps}")
+
+    t = time.perf_counter()
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.generate_dataset import generate_dataset
+
+    # fixed costs: server start (ephemeral, on first use) and the first flow run of the process
+    warm = [f"model={model}", "images_per_class=1", "shard_size=4", "steps=1", f"output={tmp / 'warm-up'}", *extra]
+    generate_dataset(str(cfg_path), warm)
+    cold = time.perf_counter() - t
+    print(f"  Prefect API {PREFECT_API_URL.value() or '(ephemeral server)'}; imports + server start + first flow "
+          f"run (4 samples, 1 step): {cold:.1f} s (one-time, not counted below)", flush=True)
+
+    times: dict[str, list[float]] = {"direct": [], "flow": []}
+    cpu: dict[str, list[float]] = {"direct": [], "flow": []}
+    for r in range(args.repeats):
+        order = ("direct", "flow") if r % 2 == 0 else ("flow", "direct")
+        for mode in order:
+            out = tmp / f"{mode}-{r}"
+            overrides = [*base, f"output={out}"]
+            clear_pipeline_cache()
+            c0, t0 = time.process_time(), time.perf_counter()
+            if mode == "direct":
+                summary = run_direct(load_config(cfg_path, overrides), cfg_path, progress=False)
+            else:
+                summary = generate_dataset(str(cfg_path), overrides)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            assert summary["complete"] and summary["valid"], summary
+            times[mode].append(dt)
+            cpu[mode].append(dc)
+            print(f"  repeat {r}: {mode:6s} {dt:7.2f} s wall, {dc:7.2f} s CPU (this process), "
+                  f"{summary['accepted']} accepted, {summary['rejected']} rejected", flush=True)
+    d, f = statistics.median(times["direct"]), statistics.median(times["flow"])
+    return {"direct_s": d, "flow_s": f, "overhead_pct": 100 * (f / d - 1), "cold_start_s": cold,
+            "direct_cpu_s": statistics.median(cpu["direct"]), "flow_cpu_s": statistics.median(cpu["flow"])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=128, help="samples of the overhead run (target: 512)")
+    p.add_argument("--steps", type=int, default=0, help="override the config's 25 steps (0: keep)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating; the median is used")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--model", default="auto", choices=["auto", "shapes-sd", "tiny"])
+    p.add_argument("--memory-samples", type=lambda s: [int(x) for x in s.split(",")], default=[256, 2048])
+    p.add_argument("--memory-mode", choices=["flow", "direct"], default="flow")
+    p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-child", nargs=5, metavar=("MODE", "N", "MODEL", "OUT", "EXTRA"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.memory_child:
+        mode, n, model, out, extra = args.memory_child
+        memory_child(mode, int(n), model, json.loads(extra), Path(out), args.threads)
+        return
+
+    # before torch starts: every thread (the flow runs tasks in a worker thread) gets the same count
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="maskmill-bench-orch-"))
+    # an isolated Prefect home: its own SQLite database, never the user's
+    os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect-home"))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, extra, desc = pick_model(tmp, args.model)
+    print(f"model: {desc}\ntorch threads: {args.threads}; work folder: {tmp}", flush=True)
+    report: dict = {"model": desc}
+    if not args.skip_overhead:
+        print(f"\n1. orchestration overhead, {args.samples} samples (configs/shapes.yaml, shards of 32)", flush=True)
+        o = run_overhead(args, model, extra, tmp)
+        report["overhead"] = o
+        verdict = "OK" if o["overhead_pct"] <= 5 else "ABOVE TARGET"
+        print(f"  direct {o['direct_s']:.2f} s, flow {o['flow_s']:.2f} s (medians): extra wall time "
+              f"{o['overhead_pct']:+.2f} % (target <= 5 % at 512 samples: {verdict}); "
+              f"CPU in this process {o['direct_cpu_s']:.2f} s vs {o['flow_cpu_s']:.2f} s", flush=True)
+    if not args.skip_memory:
+        print(f"\n2. memory vs sample count ({args.memory_mode}, fresh subprocesses, 1 step, batch 32, "
+              f"shards of 128)", flush=True)
+        m = run_memory(args, model, extra, tmp)
+        report["memory"] = m
+        if len(m) >= 2:
+            a, b = m[0], m[-1]
+            growth_a, growth_b = a["peak_rss_mb"] - a["rss_before_mb"], b["peak_rss_mb"] - b["rss_before_mb"]
+            print(f"  peak RSS ratio {b['samples']} / {a['samples']} samples: {b['peak_rss_mb'] / a['peak_rss_mb']:.3f} "
+                  f"(growth during the run: {growth_a:.1f} MB -> {growth_b:.1f} MB)", flush=True)
+    print("\n" + json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The `generate_dataset` flow: plan -> produce shards (mapped) -> validate -> preview -> summary.
+
+    from flows.generate_dataset import generate_dataset
+    summary = generate_dataset("configs/shapes.yaml", overrides=["steps=10"])
+    print(summary["shards_dir"], summary["contact_sheet"])
+
+One task run per shard (never per image); each worker process loads the pipeline once. A
+rerun continues an interrupted run (complete shards are kept, partial ones redone); a rerun
+with another config into the same `output` is refused before any work. `shard_ids` restricts
+the run to some shards (accelerate ranks, several workers splitting one run): validation and
+the contact sheet then wait for the run to be complete.
+
+Artifacts (keys from the run folder's name, e.g. "maskmill-shapes-demo-..."):
+- `...-progress`: percentage of the run's shards complete, updated as shards finish;
+- `...-shards`: table of per-shard stats (accepted, rejected, records, bytes, seconds, top reason);
+- `...-summary`: markdown with the totals and where the shards and the contact sheet are.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from prefect import flow, get_run_logger, unmapped  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from maskmill.config import load_config  # noqa: E402
+from maskmill.plan import RunPlan  # noqa: E402
+from maskmill.runner import run_root  # noqa: E402
+from tasks import plan_run, produce_shard_task, summarize_run, validate_run_task, write_preview  # noqa: E402
+
+
+def artifact_key(run_dir: str, what: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(run_dir).name.lower()).strip("-") or "run"
+    return f"maskmill-{slug}-{what}"
+
+
+def _percent(done: int, total: int) -> float:
+    return 100.0 if total == 0 else round(100.0 * done / total, 2)
+
+
+@flow(name="generate-dataset", log_prints=True,
+      # One shard at a time per process: the pipeline is shared and attention capture patches it.
+      # Scale out with processes (accelerate ranks, Prefect workers), not threads.
+      task_runner=ThreadPoolTaskRunner(max_workers=1))
+def generate_dataset(config_path: str, overrides: list[str] | None = None,
+                     shard_ids: list[int] | None = None) -> dict[str, Any]:
+    """Generate the dataset a config describes, as WebDataset shards; returns a summary dict.
+
+    The summary holds `shards_dir`, `contact_sheet` (None until the run is complete),
+    `accepted`, `rejected`, `shards` (complete shards), `num_shards`, `planned`, `shortfall`,
+    `written` / `busy` (shard ids of this flow run), `complete`, `valid`, `fingerprint`.
+    """
+    log = get_run_logger()
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)  # a bad config fails here, before any task
+    run_dir = str(run_root(cfg))
+    num_shards = RunPlan(cfg).num_shards
+    considered = num_shards if shard_ids is None else len(set(shard_ids))
+
+    pending = plan_run(config_path, overrides, shard_ids)
+    log.info("%s: %d of %d shards to write", run_dir, len(pending), considered)
+    done = considered - len(pending)
+    progress_id = create_progress_artifact(
+        progress=_percent(done, considered), key=artifact_key(run_dir, "progress"),
+        description=f"Shards of {run_dir} complete ({considered} considered)")
+
+    futures = produce_shard_task.map(config_path, unmapped(overrides), pending)
+    shard_of = {id(f): sid for f, sid in zip(futures, pending)}
+    outcomes: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
+    for fut in as_completed(futures):
+        sid = shard_of[id(fut)]
+        try:
+            outcomes[sid] = fut.result()
+        except Exception as e:  # after its retries; the other shards still finish
+            failed[sid] = f"{type(e).__name__}: {e}"
+            log.error("shard %d failed: %s", sid, failed[sid])
+            continue
+        if outcomes[sid]["status"] in ("written", "complete"):
+            done += 1
+        update_progress_artifact(progress_id, progress=_percent(done, considered))
+
+    summary = summarize_run(run_dir)
+    this_run = {sid: o["status"] for sid, o in outcomes.items()}
+    rows = [{**row, "this_run": this_run.get(row["shard_id"], "kept")} for row in summary["per_shard"]]
+    if rows:
+        create_table_artifact(table=rows, key=artifact_key(run_dir, "shards"),
+                              description=f"Per-shard stats of {run_dir}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} shard(s) failed after retries: {failed}; rerun to redo them")
+
+    valid, sheet = None, None
+    if summary["complete"]:
+        report = validate_run_task(run_dir)
+        valid = report["ok"]
+        if not valid:
+            raise RuntimeError(f"{run_dir} did not validate:\n{report['summary']}")
+        sheet = write_preview(run_dir) if report["samples"] else None
+    result = {
+        "run_dir": run_dir, "shards_dir": summary["shards_dir"], "contact_sheet": sheet,
+        "accepted": summary["accepted"], "rejected": summary["rejected"], "shards": summary["shards"],
+        "num_shards": summary["num_shards"], "planned": summary["planned"], "shortfall": summary["shortfall"],
+        "reasons": summary["reasons"], "complete": summary["complete"], "valid": valid,
+        "fingerprint": summary["fingerprint"],
+        "written": sorted(s for s, st in this_run.items() if st == "written"),
+        "busy": sorted(s for s, st in this_run.items() if st == "busy"),
+    }
+    create_markdown_artifact(
+        key=artifact_key(run_dir, "summary"),
+        markdown=(f"### maskmill run `{Path(run_dir).name}`\n\n"
+                  f"- shards: `{result['shards_dir']}` ({result['shards']}/{result['num_shards']} complete)\n"
+                  f"- samples: {result['accepted']} accepted, {result['rejected']} rejected "
+                  f"(planned {result['planned']})\n"
+                  f"- contact sheet: `{sheet}`\n- written by this flow run: {result['written']}\n"),
+        description="Where the shards and the contact sheet are")
+    return result

@@ -1,0 +1,327 @@
+"""Support sets for OVDiff prototype banks: per class, images with foreground and background masks.
+
+Two ways to get one:
+
+- `generate_support(pipe, "circle", 32)`: generate N images of the class with attention capture
+  and let a mask extractor (SeeDiff by default) mark fg = the class mask and bg = confident
+  background (label 0 *and* a low class soft score). This is OVDiff's recipe; it costs one
+  generation per support image.
+- `support_from_run(run_dir, "circle", 32)`: the efficient path. A dataset run already holds
+  generated images with masks; take the first N samples whose mask contains the class:
+  fg = mask == class id, bg = mask == 0 (other classes and 255 are neither). No generation.
+
+Masks are kept at image resolution (lossless, independent of the feature extractor);
+`bank_from_support` downsamples them to the feature grid by area and thresholds them, runs the
+feature extractor and calls `build_class_bank`. `build_fn_for` wraps that as the
+`build_fn(class_name)` that `BankCache.get_or_build` wants.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bank import PrototypeBank, build_class_bank
+from .features import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+# OVDiff's support-set recipe (ANCHORS §2).
+OVDIFF_TEMPLATE = "a good picture of a {class}"
+OVDIFF_STEPS = 30
+OVDIFF_GUIDANCE = 8.0
+BG_SOFT_THRESHOLD = 0.2  # OVDiff: background where the class attention is < 0.2
+
+
+@dataclass
+class SupportSet:
+    """N support images of one class with their masks at image resolution.
+
+    images: uint8 (N, H, W, 3); fg, bg: bool (N, H, W), disjoint; keys: one id per image, recorded in
+    the bank's metadata (which support regions a prototype came from); prompts/seeds: how each
+    image was made when known (so a support image can be regenerated); source: "generate" | "run";
+    seconds: wall time it took to obtain the set (generation + masks, or reading shards).
+    """
+
+    class_name: str
+    images: np.ndarray
+    fg: np.ndarray
+    bg: np.ndarray
+    keys: list[str]
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    source: str = ""
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {self.images.dtype} {self.images.shape}")
+        for name in ("fg", "bg"):
+            m = getattr(self, name)
+            if m.dtype != bool or m.shape != self.images.shape[:3]:
+                raise ValueError(f"{name} must be bool {self.images.shape[:3]}, got {m.dtype} {m.shape}")
+        if len(self.images) != n or len(set(self.keys)) != n:
+            raise ValueError(f"need one distinct key per image: {len(self.images)} images, keys {self.keys[:5]}…")
+        if (self.fg & self.bg).any():
+            raise ValueError("fg and bg masks overlap")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def summary(self) -> dict:
+        return {"class": self.class_name, "images": len(self), "source": self.source,
+                "fg_fraction": float(self.fg.mean()) if len(self) else 0.0,
+                "bg_fraction": float(self.bg.mean()) if len(self) else 0.0,
+                "empty_fg": int((~self.fg.reshape(len(self), -1).any(1)).sum()) if len(self) else 0,
+                "seconds": self.seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# generated support sets
+
+
+def support_defaults(model: str | None) -> dict:
+    """Prompts / steps / guidance for a support set on `model`.
+
+    OVDiff's recipe ("a good picture of a {class}", 30 steps, guidance 8) everywhere except the
+    embedded micro model, which only knows its own captions ("a red circle") and was trained for
+    25 DDIM steps at guidance 4: there the "shapes" prompt set, whose seed phrase is the whole
+    noun phrase (the micro model localises through the colour word, ANCHORS §4).
+    """
+    if model == "shapes-sd":
+        return {"prompts": "shapes", "steps": 25, "guidance": 4.0}
+    return {"prompts": OVDIFF_TEMPLATE, "steps": OVDIFF_STEPS, "guidance": OVDIFF_GUIDANCE}
+
+
+def _prompt_source(prompts):
+    """A template string with a {class} slot -> a one-template PromptSet; anything else -> a prompt set."""
+    from ..prompts import PromptSet, load_prompt_set, validate_template
+
+    if isinstance(prompts, PromptSet):
+        return prompts
+    if isinstance(prompts, str) and "{class}" in prompts:
+        validate_template(prompts, {}, multi=False, where="support prompt")
+        return PromptSet("inline", {}, [prompts], [])
+    return load_prompt_set(prompts)
+
+
+def support_seed(class_name: str, seed: int, index: int) -> int:
+    """Seed of support image `index` of a class: depends on (class, seed, index) only, never on n or batching."""
+    digest = hashlib.sha256(f"{class_name}\x00{int(seed)}\x00{int(index)}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def support_prompts(class_name: str, n: int, prompts=OVDIFF_TEMPLATE, seed: int = 0):
+    """The n prompts (with each class's seed phrase) of a generated support set, deterministic per index."""
+    from ..prompts import fill_template
+
+    pset = _prompt_source(prompts)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([support_seed(class_name, seed, i), 1])
+        template = pset.single[int(rng.integers(len(pset.single)))]
+        out.append(fill_template(template, [class_name], rng, pset))
+    return out
+
+
+def _capture_config_for(extractor, pipe, latent):
+    from ..capture import CaptureConfig
+
+    make = getattr(extractor, "capture_config", None)
+    config = make(pipe.unet, latent) if callable(make) else CaptureConfig()
+    extra = getattr(extractor, "feature_modules", None)
+    if callable(extra):
+        config.feature_modules.update(extra(pipe.unet))
+    return config
+
+
+def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, seed: int = 0,
+                     steps: int = OVDIFF_STEPS, guidance: float = OVDIFF_GUIDANCE, extractor="seediff",
+                     height: int | None = None, width: int | None = None, batch_size: int = 8,
+                     bg_soft_threshold: float = BG_SOFT_THRESHOLD, drop_empty: bool = True) -> SupportSet:
+    """Generate n images of `class_name` and read their fg/bg masks from attention.
+
+    prompts: a template with a {class} slot ("a good picture of a {class}"; "[...]" marks the
+        seed phrase, otherwise the class name seeds the mask) or a prompt set name/path/PromptSet
+        (its single-class templates are used).
+    extractor: a registered extractor name or an `Extractor` (label 0 background, k = class k).
+    fg = label 1; bg = label 0 and the class's soft score < bg_soft_threshold (255 is neither).
+    drop_empty: leave out images whose class mask came out empty (the generator missed the
+        class); their "background" would then contain the missed object.
+    """
+    from ..extractors import ClassSpec, get_extractor
+    from ..generate import GenerationSettings, generate_with_attention, latent_hw
+    from ..tokens import phrase_token_indices
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ex = get_extractor(extractor) if isinstance(extractor, str) else extractor
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    settings = GenerationSettings(steps=int(steps), guidance=float(guidance), height=int(height or side),
+                                  width=int(width or side))
+    capture = _capture_config_for(ex, pipe, latent_hw(pipe, settings.height, settings.width))
+    filled = support_prompts(class_name, n, prompts, seed)
+    seeds = [support_seed(class_name, seed, i) for i in range(n)]
+    t0 = time.perf_counter()
+    images, fgs, bgs, keys, kept_prompts, kept_seeds = [], [], [], [], [], []
+    for start in range(0, n, batch_size):
+        chunk = range(start, min(n, start + batch_size))
+        texts = [filled[i].text for i in chunk]
+        imgs, attns = generate_with_attention(pipe, texts, [seeds[i] for i in chunk], settings, capture)
+        for i, img, attn in zip(chunk, imgs, attns):
+            phrase = filled[i].classes[0].phrase
+            spec = ClassSpec(class_name, phrase_token_indices(pipe.tokenizer, filled[i].text, phrase))
+            res = ex.extract(attn, [spec], img)
+            fg = res.labels == 1
+            bg = (res.labels == 0) & (res.soft[0] < bg_soft_threshold)
+            if drop_empty and not fg.any():
+                log.info("support %s #%d (%r): empty class mask, dropped", class_name, i, filled[i].text)
+                continue
+            images.append(img)
+            fgs.append(fg)
+            bgs.append(bg)
+            keys.append(f"gen-{_key_safe(class_name)}-{seed}-{i:05d}")
+            kept_prompts.append(filled[i].text)
+            kept_seeds.append(seeds[i])
+    if not images:
+        raise ValueError(f"class {class_name!r}: all {n} generated support images had an empty class mask")
+    return SupportSet(class_name, np.stack(images), np.stack(fgs), np.stack(bgs), keys, kept_prompts, kept_seeds,
+                      source="generate", seconds=time.perf_counter() - t0)
+
+
+def _key_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)
+
+
+# ----------------------------------------------------------------------------------------------
+# support sets from a dataset run (no second generation)
+
+
+def run_identity(run_dir: str | Path) -> dict:
+    """What identifies a run's content for caching: its classes and its completed shards' stats files.
+
+    A shard is immutable once its stats file exists; hashing the (small) stats files catches a
+    rewritten shard, and new shards change the list.
+    """
+    from ..shards import RunLayout
+
+    layout = RunLayout(run_dir)
+    h = hashlib.sha256()
+    h.update(layout.classes_path.read_bytes() if layout.classes_path.exists() else b"")
+    shards = layout.completed_shards()
+    for sid in shards:
+        h.update(f"{sid}:".encode())
+        h.update(layout.stats_path(sid).read_bytes())
+    return {"run": str(Path(run_dir).resolve()), "shards": len(shards), "content": h.hexdigest()[:16]}
+
+
+def support_from_run(run_dir: str | Path, class_name: str, n: int, min_pixels: int = 1) -> SupportSet:
+    """The first n samples of a run (shard order) whose mask holds `class_name`; fg = that class id,
+    bg = 0. Samples of another image size than the first one found are skipped."""
+    from ..shards import RunLayout, iter_samples
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    layout = RunLayout(run_dir)
+    if not layout.classes_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a dataset run: no classes.json at {layout.classes_path}")
+    names = layout.read_classes()
+    if class_name not in names:
+        raise ValueError(f"class {class_name!r} is not in run {run_dir} (its classes: {', '.join(names)})")
+    class_id = names.index(class_name) + 1
+    t0 = time.perf_counter()
+    images, fgs, bgs, keys, prompts, seeds = [], [], [], [], [], []
+    skipped_size = 0
+    for s in iter_samples(run_dir):
+        ids = s.meta.get("class_ids")
+        if ids is not None and class_id not in ids:
+            continue
+        fg = s.mask == class_id
+        if int(fg.sum()) < min_pixels:
+            continue
+        if images and s.image.shape != images[0].shape:
+            skipped_size += 1
+            continue
+        images.append(s.image)
+        fgs.append(fg)
+        bgs.append(s.mask == 0)
+        keys.append(s.key)
+        prompts.append(str(s.meta.get("prompt", "")))
+        seeds.append(int(s.meta.get("seed", -1)))
+        if len(images) == n:
+            break
+    if not images:
+        raise ValueError(f"run {run_dir} has no sample whose mask holds class {class_name!r} (id {class_id})")
+    if len(images) < n:
+        log.warning("run %s: only %d samples hold %r (asked for %d)", run_dir, len(images), class_name, n)
+    if skipped_size:
+        log.warning("run %s: skipped %d samples of %r with another image size", run_dir, skipped_size, class_name)
+    return SupportSet(class_name, np.stack(images), np.stack(fgs), np.stack(bgs), keys, prompts, seeds,
+                      source="run", seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# support set -> bank
+
+
+def masks_at(masks: np.ndarray, hw: tuple[int, int], min_fraction: float) -> torch.Tensor:
+    """bool (N, H, W) -> bool (N, h, w): a feature cell is in the mask when >= min_fraction of its
+    area is. An image whose mask is non-empty but covers no cell that much keeps its best-covered
+    cell(s), so small objects still give prototypes."""
+    m = torch.as_tensor(np.asarray(masks)).float()
+    if m.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got {tuple(m.shape)}")
+    frac = F.interpolate(m[:, None], size=hw, mode="area")[:, 0] if tuple(m.shape[-2:]) != tuple(hw) else m
+    out = frac >= min_fraction
+    best = frac.flatten(1).max(1).values
+    fallback = (~out.flatten(1).any(1)) & (best > 0)
+    for i in torch.nonzero(fallback).flatten().tolist():
+        out[i] = frac[i] >= best[i]
+    return out
+
+
+def bank_from_support(support: SupportSet, extractor: FeatureExtractor, k_parts: int = 32, seed: int = 0,
+                      stuff: bool = False, fg_min_fraction: float = 0.5, bg_min_fraction: float = 0.5,
+                      max_kmeans_points: int = 20000, fingerprint: dict | None = None) -> PrototypeBank:
+    """Features of the support images -> masks at the feature grid -> `build_class_bank`."""
+    features = extractor(support.images)
+    hw = tuple(features.shape[-2:])
+    fg = masks_at(support.fg, hw, fg_min_fraction)
+    bg = masks_at(support.bg, hw, bg_min_fraction) & ~fg
+    return build_class_bank(support.class_name, features, fg, bg, list(support.keys), k_parts=k_parts, seed=seed,
+                            stuff=stuff, max_kmeans_points=max_kmeans_points, fingerprint=fingerprint)
+
+
+def build_fn_for(support_fn: Callable[[str], SupportSet], extractor: FeatureExtractor, *,
+                 stuff_classes=(), on_support: Callable[[SupportSet], None] | None = None,
+                 **bank_kwargs) -> Callable[[str], PrototypeBank]:
+    """The `build_fn(class_name)` for `BankCache.get_or_build`: support set -> features -> bank.
+
+    support_fn: class -> SupportSet (e.g. `lambda c: generate_support(pipe, c, 32)` or
+        `lambda c: support_from_run(run, c, 32)`); on_support sees each set (timings, logging).
+    bank_kwargs: k_parts, seed, fg_min_fraction, bg_min_fraction, max_kmeans_points.
+    """
+    stuff = set(stuff_classes)
+
+    def build(class_name: str) -> PrototypeBank:
+        support = support_fn(class_name)
+        if support.class_name != class_name:
+            raise ValueError(f"support_fn({class_name!r}) returned a support set of {support.class_name!r}")
+        if on_support is not None:
+            on_support(support)
+        return bank_from_support(support, extractor, stuff=class_name in stuff, **bank_kwargs)
+
+    return build
+
+
+__all__ = ["BG_SOFT_THRESHOLD", "OVDIFF_GUIDANCE", "OVDIFF_STEPS", "OVDIFF_TEMPLATE", "SupportSet",
+           "bank_from_support", "build_fn_for", "generate_support", "masks_at", "run_identity",
+           "support_defaults", "support_from_run", "support_prompts", "support_seed"]

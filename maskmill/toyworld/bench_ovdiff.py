@@ -1,0 +1,257 @@
+"""OVDiff on the shapes world: banks from generated support sets, scored on *rendered* scenes.
+
+    maskmill toyworld bench-ovdiff [--model shapes-sd] [--n-support 32] [--n-test 64] [--k-parts 32]
+
+1. Per class (circle, square, triangle, star): generate n_support images from "a {colour} {class}"
+   with the micro model, masks from SeeDiff (fg = the class mask, bg = label 0 with a low class
+   score), SD query features, prototypes (class mean, instances, k-means parts; fg and bg).
+2. Render n_test scenes (`render.sample_scene` + `render`): exact ground truth, label = run class
+   id of each object's shape (1 + index in SHAPES), 0 background. The generator never saw them.
+3. Segment them with the merged bank and print mIoU (IoU per class incl. background, accumulated
+   over the whole test set, then averaged) for the full method and the ablations: without
+   background prototypes, without parts, without instance prototypes; plus bank build time per
+   class, segmentation time per image, and the time `support_from_run` saves: the same support
+   sets written as a dataset run and read back from its shards instead of generated.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..prototypes.bank import PrototypeBank, make_fingerprint, merge_banks
+from ..prototypes.features import FeatureExtractor, SDQueryFeatures
+from ..prototypes.segment import segment_images
+from ..prototypes.support import SupportSet, bank_from_support, generate_support, support_from_run
+from .render import IMAGE_SIZE, SHAPES, render, sample_scene
+
+TARGET_FULL = 0.80
+TEST_SEED = 20261123
+CLASS_NAMES = ["background", *SHAPES]
+
+
+@dataclass
+class BenchSettings:
+    n_support: int = 32
+    n_test: int = 64
+    k_parts: int = 32
+    seed: int = 0
+    steps: int = 25  # what the micro model was trained/evaluated with
+    guidance: float = 4.0
+    extractor: str = "seediff"
+    bg_soft_threshold: float = 0.2
+    timestep: int = 200
+    layers: list[str] | None = None  # None: every decoder cross-attention (OVDiff)
+    feature_size: int | None = None  # None: the image's own size (32 px -> 16x16 features on the micro SD)
+    fg_min_fraction: float = 0.5
+    bg_min_fraction: float = 0.5
+    confusing_bg_threshold: float | None = 0.85
+    refine: bool = False  # also report full + PAMR refinement
+
+
+class CachedFeatures(FeatureExtractor):
+    """Remembers each image's features (keyed by its bytes), so every variant segments the same features
+    and only the first pass pays (and times) the UNet."""
+
+    def __init__(self, inner: FeatureExtractor):
+        self.inner = inner
+        self.name = inner.name
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def fingerprint(self) -> dict:
+        return self.inner.fingerprint()
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        images = np.asarray(images)
+        keys = [hashlib.sha1(im.tobytes()).hexdigest() + str(im.shape) for im in images]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            feats = self.inner(images[todo])
+            for i, f in zip(todo, feats):
+                self._cache[keys[i]] = f
+        return torch.stack([self._cache[k] for k in keys])
+
+
+def rendered_test_set(n: int, seed: int = TEST_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """n rendered scenes: images uint8 (n, 32, 32, 3) and labels uint8 (n, 32, 32) (0 bg, 1 + SHAPES index)."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        image, inst = render(scene)
+        lab = np.zeros(inst.shape, np.uint8)
+        for j, obj in enumerate(scene.objects):
+            lab[inst == j + 1] = SHAPES.index(obj.shape) + 1
+        images.append(image)
+        labels.append(lab)
+    return np.stack(images), np.stack(labels)
+
+
+def confusion(pred: np.ndarray, gt: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(gt.reshape(-1).astype(np.int64) * k + pred.reshape(-1), minlength=k * k).reshape(k, k)
+
+
+def iou_table(cm: np.ndarray) -> dict:
+    inter = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm)
+    ious = {CLASS_NAMES[i]: (float(inter[i] / union[i]) if union[i] else float("nan")) for i in range(len(cm))}
+    valid = [v for v in ious.values() if not np.isnan(v)]
+    return {"miou": float(np.mean(valid)), "per_class": ious, "pixel_acc": float(inter.sum() / cm.sum())}
+
+
+def write_support_run(supports: list[SupportSet], root: Path) -> float:
+    """The support sets as a dataset run (what a `generate` run of these prompts leaves): one shard per
+    class, masks = run class id on fg, 0 on bg, 255 elsewhere. Returns seconds spent writing."""
+    from ..shards import RunLayout, SampleRecord, build_meta, key_digits, sample_key, write_shard
+
+    t0 = time.perf_counter()
+    layout = RunLayout(root).create()
+    layout.write_classes(list(SHAPES))
+    index = 0
+    for shard_id, sup in enumerate(supports):
+        cid = SHAPES.index(sup.class_name) + 1
+        digits = key_digits(max(1, len(sup)))
+        records = []
+        for i in range(len(sup)):
+            mask = np.full(sup.fg[i].shape, 255, np.uint8)
+            mask[sup.bg[i]] = 0
+            mask[sup.fg[i]] = cid
+            meta = build_meta(prompt=sup.prompts[i], seed=sup.seeds[i], classes=[sup.class_name], class_ids=[cid],
+                              model="bench", extractor="seediff", extractor_params={})
+            records.append(SampleRecord(index=index, key=sample_key(shard_id, i, digits), status="accepted",
+                                        image=sup.images[i], mask=mask, meta=meta))
+            index += 1
+        write_shard(layout.shards_dir, shard_id, records)
+    return time.perf_counter() - t0
+
+
+def evaluate_bank(extractor: FeatureExtractor, bank: PrototypeBank, images: np.ndarray, labels: np.ndarray,
+                  settings: BenchSettings, **variant) -> tuple[dict, float]:
+    """(iou table, seconds) of segmenting the test set with one variant of the method."""
+    t0 = time.perf_counter()
+    results = segment_images(extractor, images, bank, list(SHAPES),
+                             confusing_bg_threshold=settings.confusing_bg_threshold, **variant)
+    seconds = time.perf_counter() - t0
+    cm = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), np.int64)
+    for res, gt in zip(results, labels):
+        cm += confusion(res.labels, gt, len(CLASS_NAMES))
+    return iou_table(cm), seconds
+
+
+def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd", log=print) -> dict:
+    """Everything `bench-ovdiff` prints, as a dict."""
+    s = settings or BenchSettings()
+    features = SDQueryFeatures(pipe, layers=s.layers, timestep=s.timestep, size=s.feature_size, model_id=model_id)
+    fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **vars(s)})
+    supports, banks, per_class = [], [], {}
+    for c in SHAPES:
+        sup = generate_support(pipe, c, s.n_support, prompts="shapes", seed=s.seed, steps=s.steps,
+                               guidance=s.guidance, extractor=s.extractor, bg_soft_threshold=s.bg_soft_threshold)
+        t0 = time.perf_counter()
+        bank = bank_from_support(sup, features, k_parts=s.k_parts, seed=s.seed, fg_min_fraction=s.fg_min_fraction,
+                                 bg_min_fraction=s.bg_min_fraction, fingerprint=fp)
+        bank_s = time.perf_counter() - t0
+        counts = bank.counts()[c]
+        per_class[c] = {"support_images": len(sup), "generate_seconds": sup.seconds, "bank_seconds": bank_s,
+                        "build_seconds": sup.seconds + bank_s, "fg_prototypes": counts["fg"],
+                        "bg_prototypes": counts["bg"], "fg_fraction": float(sup.fg.mean()),
+                        "bg_fraction": float(sup.bg.mean())}
+        log(f"  {c}: {len(sup)} support images, generated in {sup.seconds:.1f} s, bank in {bank_s:.1f} s")
+        supports.append(sup)
+        banks.append(bank)
+    bank = merge_banks(banks)
+
+    # The efficient path: the same support sets read back from a dataset run's shards.
+    with tempfile.TemporaryDirectory(prefix="bench-ovdiff-run-") as tmp:
+        write_s = write_support_run(supports, Path(tmp))
+        read = {}
+        same = True
+        for sup in supports:
+            t0 = time.perf_counter()
+            again = support_from_run(tmp, sup.class_name, s.n_support)
+            read[sup.class_name] = time.perf_counter() - t0
+            same &= bool(np.array_equal(again.images, sup.images) and np.array_equal(again.fg, sup.fg)
+                         and np.array_equal(again.bg, sup.bg))
+    gen_total = sum(p["generate_seconds"] for p in per_class.values())
+    read_total = sum(read.values())
+    reuse = {"generate_seconds": gen_total, "read_seconds": read_total, "saved_seconds": gen_total - read_total,
+             "speedup": gen_total / max(read_total, 1e-9), "write_seconds_not_counted": write_s,
+             "identical_support": same, "read_per_class": read}
+
+    images, labels = rendered_test_set(s.n_test)
+    cached = CachedFeatures(features)
+    variants = {"full": {}, "no background prototypes": {"use_background": False},
+                "no parts": {"use_parts": False}, "no instance prototypes": {"use_instances": False}}
+    table, seconds = {}, {}
+    for name, kw in variants.items():
+        table[name], seconds[name] = evaluate_bank(cached, bank, images, labels, s, **kw)
+        log(f"  {name}: mIoU {table[name]['miou']:.3f}")
+    extra = {}
+    if s.refine:
+        from ..segment_cli import pamr_refiner
+
+        extra["full + PAMR"], seconds["full + PAMR"] = evaluate_bank(cached, bank, images, labels, s,
+                                                                      refine=pamr_refiner())
+    full = table["full"]["miou"]
+    checks = {"full >= 0.80": full >= TARGET_FULL}
+    checks.update({f"{k} <= full": v["miou"] <= full + 1e-9 for k, v in table.items() if k != "full"})
+    return {
+        "settings": vars(s), "classes": CLASS_NAMES, "table": table, "extra": extra, "checks": checks,
+        "per_class_build": per_class, "support_reuse": reuse,
+        "segment_seconds_per_image": seconds["full"] / len(images),  # features + scoring, first pass
+        "score_seconds_per_image": {k: v / len(images) for k, v in seconds.items() if k != "full"},
+        "bank_prototypes": len(bank), "feature_grid": list(cached(images[:1]).shape[-2:]),
+        "image_size": IMAGE_SIZE,
+    }
+
+
+def format_report(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"OVDiff on the shapes world: banks from {s['n_support']} generated support images per class "
+             f"(\"a {{colour}} {{class}}\", {s['extractor']} masks, K = {s['k_parts']} parts, t = {s['timestep']}), "
+             f"{r['bank_prototypes']} prototypes; {s['n_test']} rendered test scenes (exact truth); "
+             f"features {r['feature_grid'][0]}x{r['feature_grid'][1]} for {r['image_size']} px images",
+             "| variant | mIoU | " + " | ".join(r["classes"]) + " | pixel acc |",
+             "|---" * (len(r["classes"]) + 3) + "|"]
+    for name, t in list(r["table"].items()) + list(r["extra"].items()):
+        cells = " | ".join(f"{t['per_class'][c]:.3f}" for c in r["classes"])
+        lines.append(f"| {name} | {t['miou']:.3f} | {cells} | {t['pixel_acc']:.3f} |")
+    lines.append("checks: " + "; ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in r["checks"].items()))
+    lines += ["", "bank build per class (generate support + features + prototypes):",
+              "| class | support images | generate s | features+prototypes s | total s | fg / bg prototypes |",
+              "|---|---|---|---|---|---|"]
+    for c, p in r["per_class_build"].items():
+        lines.append(f"| {c} | {p['support_images']} | {p['generate_seconds']:.2f} | {p['bank_seconds']:.2f} | "
+                     f"{p['build_seconds']:.2f} | {p['fg_prototypes']} / {p['bg_prototypes']} |")
+    lines.append(f"segmentation: {r['segment_seconds_per_image'] * 1000:.1f} ms/image (features + scores + "
+                 f"upsampling + argmax); scoring alone with cached features: "
+                 + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["score_seconds_per_image"].items()))
+    u = r["support_reuse"]
+    lines.append(f"support_from_run: reading the 4 support sets from a run's shards took {u['read_seconds']:.2f} s "
+                 f"vs {u['generate_seconds']:.2f} s generating them: {u['saved_seconds']:.2f} s saved "
+                 f"(x{u['speedup']:.0f}); identical support sets: {u['identical_support']}")
+    return "\n".join(lines)
+
+
+def main_args(a) -> int:
+    """`maskmill toyworld bench-ovdiff` body (cli.py)."""
+    import json
+
+    from ..models import load_pipeline
+
+    if getattr(a, "threads", 0):
+        torch.set_num_threads(int(a.threads))  # OpenMP spin-waits make 2 threads far slower on a shared 2-core box
+    settings = BenchSettings(n_support=a.n_support, n_test=a.n_test, k_parts=a.k_parts,
+                             timestep=getattr(a, "timestep", 200), feature_size=getattr(a, "feature_size", None),
+                             refine=bool(getattr(a, "refine", False)))
+    pipe = load_pipeline(a.model)
+    report = run(pipe, settings, model_id=a.model)
+    print(format_report(report))
+    if getattr(a, "json", None):
+        Path(a.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0 if all(report["checks"].values()) else 1

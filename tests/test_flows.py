@@ -1,0 +1,235 @@
+"""The Prefect layer: the generate_dataset flow, its artifacts, the served deployment, prefect.yaml.
+
+Everything runs against `prefect_test_harness` (a real Prefect API server on 127.0.0.1 with a
+temporary SQLite database), telemetry off, on a tiny random pipeline. The served deployment
+runs in a subprocess pointed at the harness server; the test triggers it with
+`run_deployment` and finds the shards its flow run wrote.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from maskmill.config import load_config  # noqa: E402
+from maskmill.runner import RunConflictError, clear_pipeline_cache  # noqa: E402
+from maskmill.shards import RunLayout, validate_run  # noqa: E402
+from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A Prefect API server for the whole session (telemetry off); yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-flows") / "model")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    clear_pipeline_cache()
+
+
+def _artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_flow_writes_shards_and_artifacts(prefect_api, tiny_model, tmp_path):
+    from flows.generate_dataset import artifact_key, generate_dataset
+
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "flow-run")
+    summary = generate_dataset(str(cfg_path), overrides=["images_per_class=3"])
+    cfg = load_config(cfg_path, ["images_per_class=3"])
+    assert summary["complete"] and summary["valid"]
+    assert summary["accepted"] == cfg.total_samples == 12 and summary["shards"] == summary["num_shards"] == 6
+    assert summary["written"] == list(range(6)) and summary["busy"] == []
+    assert Path(summary["shards_dir"]) == RunLayout(cfg.output).shards_dir
+    assert len(list(Path(summary["shards_dir"]).glob("*.tar"))) == 6
+    assert Path(summary["contact_sheet"]).is_file()
+    assert validate_run(cfg.output).ok
+
+    run_dir = summary["run_dir"]
+    table = _artifacts(artifact_key(run_dir, "shards"))
+    assert table and table[0].type == "table"
+    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+    assert [r["shard_id"] for r in rows] == list(range(6))
+    assert sum(r["accepted"] for r in rows) == 12 and {r["this_run"] for r in rows} == {"written"}
+    progress = _artifacts(artifact_key(run_dir, "progress"))
+    assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
+    assert _artifacts(artifact_key(run_dir, "summary"))
+
+    # a rerun of the finished run writes nothing; another config into its folder is refused
+    again = generate_dataset(str(cfg_path), overrides=["images_per_class=3"])
+    assert again["written"] == [] and again["valid"]
+    with pytest.raises(RunConflictError, match="steps: 2 -> 3"):
+        generate_dataset(str(cfg_path), overrides=["images_per_class=3", "steps=3"])
+
+
+def test_gpu_limit_wraps_generation_only(prefect_api, tiny_model, tmp_path, monkeypatch):
+    """MASKMILL_GPU_LIMIT=name: each batch's generation (only) holds a slot of that global limit."""
+    import prefect.concurrency.sync as prefect_concurrency
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    import maskmill.produce as produce
+    from flows.generate_dataset import generate_dataset
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu-test", limit=1))
+    events: list[str] = []
+    real_concurrency, real_generate = prefect_concurrency.concurrency, produce.generate_with_attention
+
+    @contextlib.contextmanager
+    def recording(names, occupy=1, **kwargs):
+        with real_concurrency(names, occupy=occupy, **kwargs):  # the real slot, on the harness server
+            events.append(f"enter {names}")
+            yield
+            events.append(f"exit {names}")
+
+    def generate(*args, **kwargs):
+        events.append("generate")
+        return real_generate(*args, **kwargs)
+
+    def extract_outside(*args, **kwargs):
+        events.append("extract")
+        return real_extract(*args, **kwargs)
+
+    from maskmill.extractors.seediff import SeeDiffExtractor as SeeDiff
+
+    real_extract = SeeDiff.extract
+    monkeypatch.setattr(prefect_concurrency, "concurrency", recording)
+    monkeypatch.setattr(produce, "generate_with_attention", generate)
+    monkeypatch.setattr(SeeDiff, "extract", lambda self, *a, **k: extract_outside(self, *a, **k))
+    monkeypatch.setenv("MASKMILL_GPU_LIMIT", "gpu-test")
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "gated", images_per_class=1,
+                            shard_size=4, batch_size=2)
+    summary = generate_dataset(str(cfg_path))
+    assert summary["complete"] and summary["accepted"] == 4
+    # two batches of two: the slot is held around generation, released before extraction
+    assert events == ["enter gpu-test", "generate", "exit gpu-test", "extract", "extract"] * 2, events
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu-test").active_slots == 0
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen, grace: float = 20) -> bool:
+    """SIGINT the process group (serve shuts down cleanly on Ctrl-C), SIGKILL after `grace`. True if clean."""
+    if proc.poll() is not None:
+        return True
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False
+
+
+def test_served_deployment_runs_when_triggered(prefect_api, tiny_model, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "served-run")
+    name = "maskmill-test-served"
+    env = dict(subprocess_env(), PREFECT_API_URL=prefect_api)
+    code = ("from flows.scheduled import serve; import sys; "
+            f"serve(sys.argv[1], cron='0 3 * * *', name={name!r})")
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-c", code, str(cfg_path)], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def deployment():
+            with get_client(sync_client=True) as client:
+                try:
+                    return client.read_deployment_by_name(f"generate-dataset/{name}")
+                except Exception:
+                    return None
+
+        dep = _wait_for(deployment, 120, "the served deployment")
+        assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+        assert dep.parameters["config_path"] == str(cfg_path.resolve())
+
+        run = run_deployment(f"generate-dataset/{name}", timeout=0, as_subflow=False)
+
+        def finished():
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(run.id).state
+            return state if state is not None and state.is_final() else None
+
+        state = _wait_for(finished, 240, "the triggered flow run", interval=1)
+        assert state.is_completed(), f"{state}: {(tmp_path / 'serve.log').read_text()[-3000:]}"
+    finally:
+        clean = _stop(server)
+        print(f"serve stopped cleanly: {clean}")
+        log.close()
+
+    # the shards the served run wrote
+    layout = RunLayout(tmp_path / "served-run")
+    assert layout.completed_shards() == [0, 1, 2, 3]
+    report = validate_run(layout.root)
+    assert report.ok and report.samples == 8, report.summary()
+    assert (layout.root / "contact_sheet.png").is_file()
+    if clean:  # served with pause_on_shutdown=False: stopping it leaves the schedule active
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(f"generate-dataset/{name}")
+        assert not dep.paused and all(s.active for s in dep.schedules)
+
+
+def test_prefect_yaml_deploys_with_cron_on_the_work_pool(prefect_api):
+    """`prefect deploy` accepts prefect.yaml: the deployment has its cron, parameters and work pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="maskmill-gpu", type="process",
+                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+    env = dict(subprocess_env(), PREFECT_API_URL=prefect_api, MASKMILL_REPO=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("generate-dataset/shapes-nightly")
+    assert dep.work_pool_name == "maskmill-gpu"
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+    assert dep.parameters == {"config_path": "configs/shapes.yaml", "overrides": []}
+    assert dep.entrypoint == "flows/generate_dataset.py:generate_dataset"
+    assert dep.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)

@@ -1,0 +1,191 @@
+"""Kill a run with SIGKILL at random moments, rerun it, and check nothing is lost, doubled or torn.
+
+A subprocess runs the direct runner's command line (`python -m maskmill.runner`: the same work
+the flow's tasks do) on a tiny random pipeline; the test kills it with SIGKILL after a seeded
+random delay (mostly counted from the moment the pipeline is loaded, so kills land while shards
+are being generated and written; some from its start, landing in folder preparation, cleanup
+or pipeline loading), at least 10 times within a time budget, rerunning it each time, then lets
+one rerun finish. The result must be the uninterrupted run's, byte for byte. To keep the test
+short, each attempt is forked from a process that has done the slow imports once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from maskmill.config import load_config
+from maskmill.plan import RunPlan
+from maskmill.runner import LOCKS_DIR, read_writers_log, run_direct
+from maskmill.shards import RunLayout, raw_samples, validate_run
+from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config
+
+MIN_KILLS = 10
+KILL_BUDGET_S = 150  # the kill loop stops starting new attempts after this
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): same bytes
+    yield
+    torch.set_num_threads(before)
+
+
+# A fork server: imports torch, diffusers and maskmill once, then forks one child per attempt that
+# runs the runner's command line. Each child is a fresh process (own pid, own locks) killed with
+# SIGKILL by the test; only the import time (seconds per attempt on a busy machine) is saved.
+_ZYGOTE = """
+import os, sys
+import diffusers, transformers, maskmill.runner  # the slow imports, done once
+from maskmill.extractors import get_extractor
+from maskmill.models import load_pipeline
+load_pipeline(sys.argv[1], "ddim", "cpu")  # warms diffusers' lazy imports; the children load their own
+for line in sys.stdin:
+    argv = line.split()
+    pid = os.fork()
+    if pid == 0:
+        sys.stdin.close()
+        try:
+            code = maskmill.runner.main(argv)
+        except BaseException:
+            code = 1
+        sys.stdout.flush()
+        os._exit(code)
+    print("PID", pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print("EXIT", pid, status, flush=True)
+"""
+
+
+class Zygote:
+    def __init__(self, model: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=subprocess_env(), cwd=REPO)
+
+    def start(self, argv: list[str]) -> int:
+        self.proc.stdin.write(" ".join(argv) + "\n")
+        self.proc.stdin.flush()
+        line = self.readline()
+        assert line.startswith("PID "), line
+        return int(line.split()[1])
+
+    def readline(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("fork server died")
+        return line
+
+    def wait_exit(self, pid: int) -> int:
+        while True:
+            line = self.readline()
+            if line.startswith("EXIT"):
+                assert int(line.split()[1]) == pid
+                return int(line.split()[2])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _attempt(zygote: Zygote, cfg_path: Path, rng: random.Random, log: list[dict]) -> bool:
+    """Start the runner, kill it at a random moment. Returns True if it finished before the kill."""
+    import threading
+
+    from_ready = rng.random() < 0.75
+    delay = rng.uniform(0.05, 1.2) if from_ready else rng.uniform(0.0, 2.5)
+    pid = zygote.start(["--config", str(cfg_path), "--ready", "--no-progress", "--no-finalize"])
+    if from_ready:
+        line = zygote.readline()  # READY once the pipeline is loaded (or the summary: nothing to do)
+        if not line.startswith("READY"):
+            zygote.wait_exit(pid)
+            log.append({"delay": None, "finished": True})
+            return True
+    # kill after `delay` unless it exits first; the fork server reports the exit either way
+    killer = threading.Timer(delay, lambda: os.kill(pid, signal.SIGKILL))
+    killer.start()
+    status = zygote.wait_exit(pid)
+    killer.cancel()
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    log.append({"delay": round(delay, 3), "from_ready": from_ready, "finished": not killed})
+    return not killed
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path):
+    model = save_tiny_pipeline(tmp_path / "model")
+    # 14 shards x 2 samples, one sample per batch: many generation steps and shard writes to land in
+    cfg_path = write_config(tmp_path / "c.yaml", model, tmp_path / "run", images_per_class=7, batch_size=1,
+                            steps=3)
+    cfg = load_config(cfg_path)
+    plan = RunPlan(cfg)
+    layout = RunLayout(cfg.output)
+
+    rng = random.Random(20240607)
+    attempts: list[dict] = []
+    kills = torn = 0
+    t0 = time.monotonic()
+    zygote = Zygote(model)
+    try:
+        while kills < MIN_KILLS + 2 and time.monotonic() - t0 < KILL_BUDGET_S:
+            if _attempt(zygote, cfg_path, rng, attempts):
+                continue  # finished before its kill: the run may be complete; later attempts keep killing
+            kills += 1
+            # what the kill left behind: a lock of a dead process and/or half a shard
+            leftovers = list((layout.root / LOCKS_DIR).glob("*.lock")) + layout.temporaries() + [
+                layout.tar_path(s) for s in layout.shard_ids_on_disk() if not layout.is_complete(s)]
+            torn += bool(leftovers)
+    finally:
+        zygote.close()
+    assert kills >= MIN_KILLS, f"only {kills} kills in {KILL_BUDGET_S} s: {attempts}"
+    assert torn >= 3, f"kills never interrupted a shard write: {attempts}"
+    completed_before_final = len(layout.completed_shards())
+
+    # the final, uninterrupted rerun (same code path, in this process)
+    final = run_direct(cfg, cfg_path, progress=False)
+    assert final["complete"] and final["valid"], final.get("validation")
+    assert final["accepted"] == plan.total
+
+    # exactly the planned number of unique keys, every tar readable to its end
+    keys = []
+    for sid in range(plan.num_shards):
+        keys += [s["__key__"] for s in raw_samples(layout.tar_path(sid))]
+    assert len(keys) == len(set(keys)) == plan.total
+    report = validate_run(layout.root)
+    assert report.ok, report.summary()
+    assert report.samples == plan.total and report.complete_shards == plan.num_shards
+    # no temporary file or lock left anywhere in the run folder
+    assert not layout.temporaries()
+    assert not [p for p in layout.root.rglob("*") if p.name.endswith(".tmp") or p.suffix == ".lock"]
+    # manifests agree with the tars
+    for sid in range(plan.num_shards):
+        rows = pq.read_table(layout.manifest_path(sid)).to_pylist()
+        accepted = [r["key"] for r in rows if r["status"] == "accepted"]
+        assert accepted == [s["__key__"] for s in raw_samples(layout.tar_path(sid))]
+    # every shard completed exactly once, however often its writing was interrupted
+    written = [e["shard"] for e in read_writers_log(layout.root) if e["event"] == "written"]
+    assert sorted(written) == list(range(plan.num_shards))
+
+    # and the result is the uninterrupted run's, byte for byte
+    ref_path = write_config(tmp_path / "ref.yaml", model, tmp_path / "ref", images_per_class=7, batch_size=1,
+                            steps=3)
+    ref = run_direct(load_config(ref_path), ref_path, progress=False, finalize=False)
+    ref_layout = RunLayout(ref["run_dir"])
+    for sid in range(plan.num_shards):
+        assert layout.tar_path(sid).read_bytes() == ref_layout.tar_path(sid).read_bytes(), f"shard {sid}"
+        assert pq.read_table(layout.manifest_path(sid)).equals(pq.read_table(ref_layout.manifest_path(sid)))
+    print(json.dumps({"kills": kills, "torn": torn, "completed_before_final": completed_before_final,
+                      "seconds": round(time.monotonic() - t0, 1), "attempts": attempts}))

@@ -1,0 +1,330 @@
+"""The direct runner: run folders, determinism, refusal of mixed configs, shard locks, quality filter.
+
+Everything runs on a tiny random SD 1.x pipeline saved to a temporary folder (32 px, 2 steps,
+tiny shards); torch uses one thread so that two runs compare byte for byte.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from maskmill.config import load_config
+from maskmill.plan import RunPlan
+from maskmill.runner import (
+    CONFIG_COPY,
+    RUN_INFO,
+    RunConflictError,
+    ShardLock,
+    pending_shards,
+    prepare_run,
+    read_writers_log,
+    run_direct,
+)
+from maskmill.shards import RunLayout, raw_samples, validate_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_tiny_pipeline(path: Path, seed: int = 0) -> Path:
+    """A random micro SD 1.x pipeline (maskmill.toyworld.build) saved with save_pretrained."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from maskmill.toyworld.build import build_models, clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae, text_encoder, unet = build_models()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+def write_config(path: Path, model: Path, output: Path, **changes) -> Path:
+    """A tiny shapes-world config: 4 classes, one per image, 32 px, 2 steps, a permissive filter."""
+    data = {
+        "classes": ["circle", "square", "triangle", "star"], "prompts": "shapes", "classes_per_image": {1: 1.0},
+        "images_per_class": 2, "model": str(model), "scheduler": "ddim", "steps": 2, "guidance": 4.0,
+        "height": 32, "width": 32, "batch_size": 2, "seed": 0, "extractor": {"name": "seediff", "params": {}},
+        "filter": {"min_confidence": 0.0, "min_area": 0.0, "max_area": 1.0, "max_retries_factor": 2.0},
+        "shard_size": 2, "image_format": "png", "output": str(output),
+    }
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under root: (mtime_ns, content)."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tar_keys(tar: Path) -> list[str]:
+    return [s["__key__"] for s in raw_samples(tar)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+# --- determinism, resume, refusal ------------------------------------------------------------------
+def test_same_config_same_bytes_rerun_no_work_and_refusal(tmp_path, tiny_model, capsys):
+    cfg_a = load_config(write_config(tmp_path / "a.yaml", tiny_model, tmp_path / "run-a"))
+    # Same config, another folder. (Not another batch size: batched convolutions round differently,
+    # which moves the odd pixel by 1/255, so batch_size is part of "same config" for byte identity.)
+    cfg_b = load_config(write_config(tmp_path / "b.yaml", tiny_model, tmp_path / "run-b"))
+    assert cfg_a.fingerprint() == cfg_b.fingerprint()
+
+    a = run_direct(cfg_a, tmp_path / "a.yaml", progress=False)
+    b = run_direct(cfg_b, tmp_path / "b.yaml", progress=False)
+    plan = RunPlan(cfg_a)
+    for s in (a, b):
+        assert s["complete"] and s["valid"], s.get("validation")
+        assert s["accepted"] == plan.total == 8 and s["shards"] == plan.num_shards == 4
+        assert Path(s["contact_sheet"]).is_file()
+    la, lb = RunLayout(a["run_dir"]), RunLayout(b["run_dir"])
+    # same samples, byte for byte
+    for sid in range(plan.num_shards):
+        assert la.tar_path(sid).read_bytes() == lb.tar_path(sid).read_bytes(), f"shard {sid} differs"
+        assert pq.read_table(la.manifest_path(sid)).equals(pq.read_table(lb.manifest_path(sid)))
+    # the run folder: classes, the resolved config (loadable) and its fingerprint
+    root = Path(a["run_dir"])
+    assert json.loads((root / "classes.json").read_text()) == cfg_a.classes
+    assert load_config(root / CONFIG_COPY).fingerprint() == cfg_a.fingerprint()
+    assert cfg_a.fingerprint() in (root / CONFIG_COPY).read_text()
+    assert json.loads((root / RUN_INFO).read_text())["fingerprint"] == cfg_a.fingerprint()
+
+    # a finished run: a rerun does no work and touches no shard
+    before = snapshot(la.shards_dir)
+    again = run_direct(cfg_a, tmp_path / "a.yaml", progress=False)
+    assert again["written"] == [] and again["loaded_pipeline"] is False and again["valid"]
+    assert snapshot(la.shards_dir) == before
+
+    # another config into the same folder: refused before any work, naming both fingerprints and the keys
+    before = snapshot(root)
+    changed = load_config(tmp_path / "a.yaml", ["steps=3", "filter.min_area=0.01"])
+    with pytest.raises(RunConflictError) as err:
+        run_direct(changed, tmp_path / "a.yaml", progress=False)
+    msg = str(err.value)
+    assert cfg_a.fingerprint() in msg and changed.fingerprint() in msg
+    assert "steps: 2 -> 3" in msg and "filter.min_area: 0.0 -> 0.01" in msg
+    assert snapshot(root) == before  # nothing overwritten, nothing added
+    # the CLI refuses it too, with the same message, before Prefect starts
+    from maskmill.cli import main
+
+    assert main(["generate", "--config", str(tmp_path / "a.yaml"), "--set", "steps=3"]) == 2
+    assert "refusing to mix runs" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
+def test_shards_read_with_hf_datasets(tmp_path, tiny_model):
+    """The shards load offline with HF `datasets` (same fields in every sample)."""
+    datasets = pytest.importorskip("datasets")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", images_per_class=1))
+    summary = run_direct(cfg, tmp_path / "c.yaml", progress=False, finalize=False)
+    tars = sorted(str(p) for p in Path(summary["shards_dir"]).glob("*.tar"))
+    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
+                               cache_dir=str(tmp_path / "hf-cache"))
+    assert len(ds) == 4
+    mask = np.asarray(ds[0]["mask.png"])
+    assert mask.ndim == 2 and set(np.unique(mask)) <= {0, 1, 2, 3, 4, 255}
+
+
+def test_prepare_run_cleans_partial_shards(tmp_path, tiny_model):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run"))
+    layout = prepare_run(cfg, tmp_path / "c.yaml")
+    paths = layout.shard(1)
+    paths.tar_tmp.write_bytes(b"half a tar")
+    paths.tar.write_bytes(b"a tar without stats")  # renamed, but killed before the stats
+    (layout.root / ".config.yaml.999.1.tmp").write_bytes(b"")  # a write of ours, interrupted
+    assert pending_shards(cfg, layout) == [0, 1, 2, 3]
+    prepare_run(cfg, tmp_path / "c.yaml")
+    assert not paths.tar_tmp.exists() and not paths.tar.exists()
+    assert not list(layout.root.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="outside"):
+        pending_shards(cfg, layout, [7])
+
+
+# --- shard locks -------------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_shard_lock_exclusive_stale_and_foreign(tmp_path):
+    layout = RunLayout(tmp_path / "run").create()
+    first, second = ShardLock(layout, 3), ShardLock(layout, 3)
+    assert first.try_acquire()
+    owner = json.loads(first.path.read_text())
+    assert owner["host"] and owner["pid"] == os.getpid()
+    assert not second.try_acquire()  # held by a live process (us)
+    first.release()
+    assert not first.path.exists()
+    assert second.try_acquire()
+    second.release()
+
+    # a lock left by a dead process on this host is taken over (and logged)
+    lock = ShardLock(layout, 4)
+    lock.path.write_text(json.dumps({"host": owner["host"], "pid": _dead_pid(), "start": "1", "time": 0}))
+    assert lock.try_acquire()
+    lock.release()
+    assert any(e["event"] == "stale-lock-removed" and e["shard"] == 4 for e in read_writers_log(layout.root))
+
+    # a live pid whose start time differs is a reused pid: stale too
+    lock.path.write_text(json.dumps({"host": owner["host"], "pid": os.getpid(), "start": "-1", "time": 0}))
+    assert lock.try_acquire()
+    lock.release()
+
+    # a lock from another host is trusted (we cannot see its processes)
+    lock.path.write_text(json.dumps({"host": "another-host", "pid": 1, "start": "1", "time": 0}))
+    assert not lock.try_acquire()
+    lock.path.unlink()
+
+
+_WORKER = """
+import sys, json, time
+from pathlib import Path
+from maskmill.config import load_config
+from maskmill.models import load_pipeline
+from maskmill.runner import run_direct
+cfg = load_config(sys.argv[1])
+load_pipeline(cfg.model, cfg.scheduler, "cpu")  # warm imports and caches before the start line
+print("READY", flush=True)
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+summary = run_direct(cfg, sys.argv[1], progress=False, finalize=False)
+print(json.dumps({"written": summary["written"], "busy": summary["busy"]}), flush=True)
+"""
+
+
+def test_two_processes_on_one_run_write_each_shard_once(tmp_path, tiny_model):
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", images_per_class=4, batch_size=1)
+    cfg = load_config(cfg_path)
+    plan = RunPlan(cfg)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(cfg_path), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=subprocess_env(), cwd=REPO)
+             for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "READY"
+        go.touch()  # both start at once
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs)
+    results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    written = [set(r["written"]) for r in results]
+    assert not written[0] & written[1], results
+    assert written[0] | written[1] == set(range(plan.num_shards))
+
+    log = [e for e in read_writers_log(cfg.output) if e["event"] == "written"]
+    per_shard = {sid: [e["pid"] for e in log if e["shard"] == sid] for sid in range(plan.num_shards)}
+    assert all(len(pids) == 1 for pids in per_shard.values()), per_shard  # exactly one writer per shard
+    writers = {pid for pids in per_shard.values() for pid in pids}
+    assert writers == {p.pid for p in procs}, per_shard  # both worked on the run, started at the same instant
+
+    layout = RunLayout(cfg.output)
+    keys = [k for sid in range(plan.num_shards) for k in tar_keys(layout.tar_path(sid))]
+    assert len(keys) == len(set(keys)) == plan.total
+    report = validate_run(cfg.output)
+    assert report.ok, report.summary()
+    assert not list((Path(cfg.output) / "locks").glob("*.lock"))
+
+
+# --- quality filter ----------------------------------------------------------------------------------
+def _threshold(conf: dict[int, float], quota: int) -> float | None:
+    """A min_confidence far from every sample's confidence that rejects some of the first candidates."""
+    values = sorted(set(conf.values()))
+    best = None
+    for lo, hi in zip(values, values[1:]):
+        thr = (lo + hi) / 2
+        passing = [i for i in sorted(conf) if conf[i] >= thr]
+        if len(passing) < quota + 1:
+            continue
+        made_up = passing[quota - 1] >= quota  # at least one rejection before the quota is met
+        if made_up and (best is None or hi - lo > best[0]):
+            best = (hi - lo, thr)
+    return None if best is None else best[1]
+
+
+def test_quality_filter_rejects_records_and_makes_up_deterministically(tmp_path, tiny_model):
+    # 1. every candidate of the first 12 indices, accepted (permissive), to learn their confidences
+    probe = load_config(write_config(tmp_path / "p.yaml", tiny_model, tmp_path / "probe", images_per_class=3,
+                                     shard_size=12, filter__max_retries_factor=1.0, batch_size=4))
+    run_direct(probe, tmp_path / "p.yaml", progress=False, finalize=False)
+    rows = pq.read_table(RunLayout(probe.output).manifest_path(0)).to_pylist()
+    conf = {r["index"]: json.loads(r["confidence"])[0] for r in rows}
+    assert len(conf) == 12 and all(r["status"] == "accepted" for r in rows)
+    quota = 4
+    thr = _threshold(conf, quota)
+    assert thr is not None, f"no usable threshold in {conf}"
+
+    # 2. a strict filter: one shard of 4 from the same 12 candidate indices (stride = 4 x 3)
+    def strict(out: str) -> dict:
+        path = write_config(tmp_path / f"{out}.yaml", tiny_model, tmp_path / out, images_per_class=1,
+                            shard_size=quota, filter__max_retries_factor=3.0, filter__min_confidence=float(thr),
+                            batch_size=4)
+        return run_direct(load_config(path), path, progress=False)
+
+    s1 = strict("strict-1")
+    assert s1["complete"] and s1["valid"] and s1["accepted"] == quota and s1["shortfall"] == 0
+    expected_ok = [i for i in sorted(conf) if conf[i] >= thr][:quota]
+    expected_rejected = [i for i in range(expected_ok[-1]) if i not in expected_ok]
+    assert expected_rejected and s1["rejected"] == len(expected_rejected)
+    assert sum(n for r, n in s1["reasons"].items() if r.startswith("low confidence")) == len(expected_rejected)
+
+    layout = RunLayout(s1["run_dir"])
+    manifest = pq.read_table(layout.manifest_path(0)).to_pylist()
+    assert [r["index"] for r in manifest] == list(range(expected_ok[-1] + 1))  # candidates in order
+    for r in manifest:
+        if r["index"] in expected_ok:
+            assert r["status"] == "accepted" and r["reason"] == ""
+        else:
+            assert r["status"] == "rejected" and r["reason"].startswith("low confidence: ")
+            assert r["prompt"] and r["seed"] is not None  # rejected samples stay traceable
+    assert tar_keys(layout.tar_path(0)) == [r["key"] for r in manifest if r["status"] == "accepted"]
+
+    # 3. deterministic: the same strict run elsewhere gives the same shard, byte for byte
+    s2 = strict("strict-2")
+    assert RunLayout(s2["run_dir"]).tar_path(0).read_bytes() == layout.tar_path(0).read_bytes()
+    assert pq.read_table(RunLayout(s2["run_dir"]).manifest_path(0)).equals(pq.read_table(layout.manifest_path(0)))

@@ -1,0 +1,106 @@
+"""`maskmill segment`: writes label and overlay PNGs; refuses mismatched/corrupted banks and unknown classes (exit 2)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskmill.cli import main
+from maskmill.prototypes import SDQueryFeatures, build_class_bank, make_fingerprint, merge_banks, save_bank
+from maskmill.toyworld.render import render, sample_scene
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model folder, a bank of circle/square built from rendered scenes with its features, two images."""
+    from conftest import build_sd1_pipeline
+
+    from maskmill.models import load_pipeline
+
+    root = tmp_path_factory.mktemp("segcli")
+    model = root / "model"
+    build_sd1_pipeline(seed=1).save_pretrained(model, safe_serialization=True)
+    pipe = load_pipeline(str(model))
+    ex = SDQueryFeatures(pipe, model_id=str(model))
+    rng = np.random.default_rng(0)
+    banks = []
+    for name in ("circle", "square"):
+        scenes = [sample_scene(rng, n_objects=1) for _ in range(3)]
+        scenes = [s for s in scenes]
+        rendered = [render(s) for s in scenes]
+        images = np.stack([im for im, _ in rendered])
+        fg = np.stack([lab > 0 for _, lab in rendered])
+        banks.append(build_class_bank(name, ex(images), fg, ~fg, [f"{name}-{i}" for i in range(3)], k_parts=3))
+    fp = make_fingerprint(ex.fingerprint(), {"source": "rendered scenes"})
+    bank = merge_banks(banks)
+    bank_path = save_bank(bank, root / "bank.safetensors", fp)
+    bad_fp = json.loads(json.dumps(fp))
+    bad_fp["feature_extractor"]["model"]["weights"] = "0" * 16
+    bad_fp["model"] = bad_fp["feature_extractor"]["model"]
+    bad_path = save_bank(bank, root / "other-model.safetensors", bad_fp)
+    paths = []
+    for i in range(2):
+        p = root / f"img{i}.png"
+        Image.fromarray(render(sample_scene(rng))[0]).save(p)
+        paths.append(p)
+    return {"root": root, "model": model, "bank": bank_path, "bad_bank": bad_path, "images": paths}
+
+
+def segment(setup, *extra, bank=None, classes="circle,square", out=None):
+    out = out or setup["root"] / "out"
+    argv = ["segment", *map(str, setup["images"]), "--bank", str(bank or setup["bank"]), "--classes", classes,
+            "--model", str(setup["model"]), "--out", str(out), *extra]
+    return main(argv), out
+
+
+def test_segment_writes_label_and_overlay_pngs(setup, capsys):
+    code, out = segment(setup)
+    assert code == 0
+    printed = capsys.readouterr().out
+    for p in setup["images"]:
+        labels = Image.open(out / f"{p.stem}.labels.png")
+        overlay = Image.open(out / f"{p.stem}.overlay.png")
+        assert labels.mode == "L" and labels.size == (32, 32)
+        assert overlay.mode == "RGB" and overlay.size == (32, 32)
+        assert set(np.unique(np.asarray(labels)).tolist()) <= {0, 1, 2}
+        assert str(out / f"{p.stem}.labels.png") in printed
+    legend = json.loads((out / f"{setup['images'][0].stem}.classes.json").read_text())
+    assert legend["1"]["name"] == "circle" and legend["2"]["name"] == "square"
+    code, out2 = segment(setup, "--no-background", out=setup["root"] / "out-nobg")
+    assert code == 0
+    assert all((np.asarray(Image.open(out2 / f"{p.stem}.labels.png")) > 0).all() for p in setup["images"])
+
+
+def test_mismatched_fingerprint_refused_before_any_work(setup, capsys):
+    out = setup["root"] / "never"
+    code, _ = segment(setup, bank=setup["bad_bank"], out=out)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: bank refused" in err and "different fingerprint" in err and "weights" in err
+    assert not out.exists()
+
+
+def test_corrupted_bank_refused(setup, capsys, tmp_path):
+    import shutil
+
+    target = tmp_path / "bank.safetensors"
+    shutil.copy(setup["bank"], target)
+    shutil.copy(setup["bank"].with_suffix(".json"), target.with_suffix(".json"))
+    data = bytearray(target.read_bytes())
+    data[-8:] = b"\x00\x01\x02\x03\x04\x05\x06\x07"
+    target.write_bytes(bytes(data))
+    code, _ = segment(setup, bank=target, out=tmp_path / "never")
+    assert code == 2 and "corrupted" in capsys.readouterr().err
+    code, _ = segment(setup, bank=tmp_path / "missing.safetensors", out=tmp_path / "never")
+    assert code == 2 and "no bank at" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_unknown_class_named(setup, capsys):
+    code, out = segment(setup, classes="circle,hexagon,pentagon", out=setup["root"] / "never2")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'hexagon'" in err and "'pentagon'" in err and "circle, square" in err
+    assert not out.exists()
