@@ -15,7 +15,13 @@ Run from the repository root:
    (PREFECT_API_URL if set, else the ephemeral server of an isolated PREFECT_HOME), as in
    production where a server is up: its one-time start-up and the first flow run of a process
    (engine warm-up) are measured separately and reported as fixed costs, not per-run overhead.
-   Runs alternate (direct, flow, flow, direct, ...). Target: flow / direct - 1 <= 5 % at 512.
+   Runs alternate (direct, flow, flow, direct, ...). Target: <= 5 % extra wall time at 512.
+   Both raw wall times are printed, but on a shared machine their ratio mostly measures the
+   other jobs (the same direct run varied 31-55 s here). The overhead figure is therefore the
+   difference in time spent *around* the shard work (wall time minus the claim-to-written time
+   of every shard, logged in the run's writers.jsonl: the same `produce_claimed` call in both
+   modes), relative to the direct run's wall time: planning, pipeline loading, task and
+   state bookkeeping, artifacts, validation, preview.
 2. Memory. Peak RSS of fresh subprocesses that run the flow (`--memory-mode direct`: the
    runner) on 256 and on 2,048 samples of a fast config (1 step, batch 32, shards of 128,
    permissive filter), printed with the growth over the RSS just before the run and as a ratio.
@@ -157,6 +163,7 @@ def run_overhead(args, model: str, extra: list[str], tmp: Path) -> dict:
 
     times: dict[str, list[float]] = {"direct": [], "flow": []}
     cpu: dict[str, list[float]] = {"direct": [], "flow": []}
+    outside: dict[str, list[float]] = {"direct": [], "flow": []}
     for r in range(args.repeats):
         order = ("direct", "flow") if r % 2 == 0 else ("flow", "direct")
         for mode in order:
@@ -170,20 +177,37 @@ def run_overhead(args, model: str, extra: list[str], tmp: Path) -> dict:
                 summary = generate_dataset(str(cfg_path), overrides)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             assert summary["complete"] and summary["valid"], summary
+            work = shard_seconds(out)
             times[mode].append(dt)
             cpu[mode].append(dc)
-            print(f"  repeat {r}: {mode:6s} {dt:7.2f} s wall, {dc:7.2f} s CPU (this process), "
-                  f"{summary['accepted']} accepted, {summary['rejected']} rejected", flush=True)
+            outside[mode].append(dt - work)
+            print(f"  repeat {r}: {mode:6s} {dt:7.2f} s wall ({work:7.2f} s writing shards, {dt - work:5.2f} s "
+                  f"around them), {dc:7.2f} s CPU (this process), {summary['accepted']} accepted", flush=True)
     d, f = statistics.median(times["direct"]), statistics.median(times["flow"])
+    od, of = statistics.median(outside["direct"]), statistics.median(outside["flow"])
     return {"direct_s": d, "flow_s": f, "overhead_pct": 100 * (f / d - 1), "cold_start_s": cold,
+            "outside_direct_s": od, "outside_flow_s": of, "extra_outside_pct": 100 * (of - od) / d,
             "direct_cpu_s": statistics.median(cpu["direct"]), "flow_cpu_s": statistics.median(cpu["flow"])}
+
+
+def shard_seconds(run_dir: Path) -> float:
+    """Time spent inside `produce_claimed` (claim -> shard written), from the run's writers.jsonl."""
+    from maskmill.runner import read_writers_log
+
+    claimed, total = {}, 0.0
+    for e in read_writers_log(run_dir):
+        if e["event"] == "claimed":
+            claimed[e["shard"]] = e["time"]
+        elif e["event"] == "written":
+            total += e["time"] - claimed.pop(e["shard"])
+    return total
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=128, help="samples of the overhead run (target: 512)")
     p.add_argument("--steps", type=int, default=0, help="override the config's 25 steps (0: keep)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating; the median is used")
+    p.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating; the median is used")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--model", default="auto", choices=["auto", "shapes-sd", "tiny"])
     p.add_argument("--memory-samples", type=lambda s: [int(x) for x in s.split(",")], default=[256, 2048])
@@ -213,10 +237,13 @@ def main() -> None:
         print(f"\n1. orchestration overhead, {args.samples} samples (configs/shapes.yaml, shards of 32)", flush=True)
         o = run_overhead(args, model, extra, tmp)
         report["overhead"] = o
-        verdict = "OK" if o["overhead_pct"] <= 5 else "ABOVE TARGET"
-        print(f"  direct {o['direct_s']:.2f} s, flow {o['flow_s']:.2f} s (medians): extra wall time "
-              f"{o['overhead_pct']:+.2f} % (target <= 5 % at 512 samples: {verdict}); "
-              f"CPU in this process {o['direct_cpu_s']:.2f} s vs {o['flow_cpu_s']:.2f} s", flush=True)
+        verdict = "OK" if o["extra_outside_pct"] <= 5 else "ABOVE TARGET"
+        print(f"  medians: direct {o['direct_s']:.2f} s, flow {o['flow_s']:.2f} s wall "
+              f"({o['overhead_pct']:+.2f} %, includes the machine's noise on the shard work);\n"
+              f"  time around the shard work: direct {o['outside_direct_s']:.2f} s, flow {o['outside_flow_s']:.2f} s "
+              f"-> orchestration overhead {o['extra_outside_pct']:+.2f} % of the direct run "
+              f"(target <= 5 % at 512 samples: {verdict});\n"
+              f"  CPU in this process: direct {o['direct_cpu_s']:.2f} s, flow {o['flow_cpu_s']:.2f} s", flush=True)
     if not args.skip_memory:
         print(f"\n2. memory vs sample count ({args.memory_mode}, fresh subprocesses, 1 step, batch 32, "
               f"shards of 128)", flush=True)

@@ -30,8 +30,9 @@ from maskmill.prototypes.bank import fingerprint_hash, load_bank, merge_banks, s
 from maskmill.prototypes.cache import safe_class_dirname  # noqa: E402
 from tasks.prototypes import build_class_prototypes  # noqa: E402
 
+FILTER_KEYS = ("min_confidence", "min_area", "max_area", "max_tries_factor")
 OVERRIDABLE = {"n_support", "k_parts", "prompts", "steps", "guidance", "seed", "fg_min_fraction", "bg_min_fraction",
-               "bg_soft_threshold", "extractor", "extractor_params"}
+               "bg_soft_threshold", "extractor", "extractor_params", *FILTER_KEYS}
 MERGED_DIR = ".merged"  # a leading dot: safe_class_dirname never produces it, so no class can collide
 
 
@@ -40,8 +41,13 @@ def class_spec(class_name: str, model: str, support: str, *, n_support: int = 32
                guidance: float | None = None, seed: int = 0, extractor: str = "seediff",
                extractor_params: dict | None = None, timestep: int = 200, layers: list[str] | None = None,
                feature_size: int | None = None, fg_min_fraction: float = 0.5, bg_min_fraction: float = 0.5,
-               bg_soft_threshold: float = 0.2, max_kmeans_points: int = 20000) -> dict:
-    """The JSON build spec of one class: everything that changes its bank, and nothing else."""
+               bg_soft_threshold: float = 0.2, max_kmeans_points: int = 20000, min_confidence: float | None = None,
+               min_area: float | None = None, max_area: float | None = None,
+               max_tries_factor: float | None = None) -> dict:
+    """The JSON build spec of one class: everything that changes its bank, and nothing else.
+
+    None for prompts/steps/guidance and the mask filter (min_confidence, min_area, max_area,
+    max_tries_factor) means the model's defaults (`support_defaults`)."""
     from maskmill.prototypes.support import support_defaults
 
     if support == "generate":
@@ -51,6 +57,9 @@ def class_spec(class_name: str, model: str, support: str, *, n_support: int = 32
                "guidance": float(guidance if guidance is not None else d["guidance"]), "seed": int(seed),
                "extractor": {"name": extractor, "params": dict(extractor_params or {})},
                "bg_soft_threshold": float(bg_soft_threshold)}
+        given = {"min_confidence": min_confidence, "min_area": min_area, "max_area": max_area,
+                 "max_tries_factor": max_tries_factor}
+        sup["filter"] = {k: float(given[k] if given[k] is not None else d[k]) for k in FILTER_KEYS}
     else:
         sup = {"kind": "run", "run_dir": str(Path(support).resolve())}
     return {
@@ -105,11 +114,14 @@ def build_prototypes(classes: list[str], cache_root: str, model: str = "shapes-s
                      guidance: float | None = None, seed: int = 0, extractor: str = "seediff",
                      extractor_params: dict | None = None, timestep: int = 200, layers: list[str] | None = None,
                      feature_size: int | None = None, fg_min_fraction: float = 0.5, bg_min_fraction: float = 0.5,
-                     bg_soft_threshold: float = 0.2, class_overrides: dict[str, dict] | None = None) -> dict:
+                     bg_soft_threshold: float = 0.2, min_confidence: float | None = None,
+                     min_area: float | None = None, max_area: float | None = None,
+                     max_tries_factor: float | None = None, class_overrides: dict[str, dict] | None = None) -> dict:
     """Build or reuse each class's bank, merge them, write the merged bank to `out`.
 
     prompts/steps/guidance default to OVDiff's recipe, or to the micro model's own captions and
-    sampler settings for "shapes-sd" (see `maskmill.prototypes.support.support_defaults`).
+    sampler settings for "shapes-sd" (see `maskmill.prototypes.support.support_defaults`); so do
+    the support mask filter's min_confidence / min_area / max_area / max_tries_factor.
     class_overrides: per-class changes of n_support, k_parts, prompts, steps, guidance, seed, ...
     out: merged bank path (default `<cache_root>/.merged/<hash of the class fingerprints>/bank.safetensors`).
 
@@ -123,7 +135,8 @@ def build_prototypes(classes: list[str], cache_root: str, model: str = "shapes-s
     common = dict(n_support=n_support, k_parts=k_parts, prompts=prompts, steps=steps, guidance=guidance, seed=seed,
                   extractor=extractor, extractor_params=extractor_params, timestep=timestep, layers=layers,
                   feature_size=feature_size, fg_min_fraction=fg_min_fraction, bg_min_fraction=bg_min_fraction,
-                  bg_soft_threshold=bg_soft_threshold)
+                  bg_soft_threshold=bg_soft_threshold, min_confidence=min_confidence, min_area=min_area,
+                  max_area=max_area, max_tries_factor=max_tries_factor)
     specs = [class_spec(c, model, support, stuff=c in stuff_classes, **{**common, **class_overrides.get(c, {})})
              for c in classes]
     futures = build_class_prototypes.map(classes, unmapped(str(cache_root)), specs)

@@ -39,7 +39,14 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from maskmill.config import load_config  # noqa: E402
 from maskmill.plan import RunPlan  # noqa: E402
 from maskmill.runner import run_root  # noqa: E402
-from tasks import plan_run, produce_shard_task, summarize_run, validate_run_task, write_preview  # noqa: E402
+from tasks import (  # noqa: E402
+    plan_run,
+    produce_shard_task,
+    summarize_run,
+    task_tags,
+    validate_run_task,
+    write_preview,
+)
 
 
 def artifact_key(run_dir: str, what: str) -> str:
@@ -78,7 +85,9 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
         progress=_percent(done, considered), key=artifact_key(run_dir, "progress"),
         description=f"Shards of {run_dir} complete ({considered} considered)")
 
-    futures = produce_shard_task.map(config_path, unmapped(overrides), pending)
+    tags = task_tags()  # MASKMILL_TASK_TAGS=gpu: for a tag-based task concurrency limit
+    produce = produce_shard_task.with_options(tags=tags) if tags else produce_shard_task
+    futures = produce.map(config_path, unmapped(overrides), pending)
     shard_of = {id(f): sid for f, sid in zip(futures, pending)}
     outcomes: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}

@@ -33,14 +33,15 @@ class CaptureConfig:
         averaged into that side's map. None records every side from every block; sides not listed
         are not recorded (their probabilities are never computed).
     steps: the window of denoising steps recorded, as fractions [start, end) of the schedule.
-    chunk_elements: upper bound on the elements of one probability chunk (rows x keys x heads x batch).
+    chunk_elements: upper bound on the elements of one probability chunk (rows x keys x heads x batch);
+        None: 2^19 on CPU (about a core's L2 cache), 2^24 on accelerators (fewer kernel launches).
     feature_modules: name -> dotted UNet module path whose output is kept (last recorded step), e.g. for DiffCut.
     """
 
     cross: bool = True
     self_blocks: dict[int, tuple[str, ...]] | None = None
     steps: tuple[float, float] = (0.0, 1.0)
-    chunk_elements: int = 1 << 19  # ~2 MB of fp32 scores: stays in cache (see attention_probabilities)
+    chunk_elements: int | None = None
     feature_modules: dict[str, str] = field(default_factory=dict)
     per_layer_self: bool = False  # also keep each layer's own self-attention (diagnostics, e.g. toyworld eval)
 
@@ -129,18 +130,22 @@ class AttentionStore:
         return out
 
 
-def attention_probabilities(attn, query_states: torch.Tensor, key_states: torch.Tensor, chunk_elements: int,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+CPU_CHUNK_ELEMENTS = 1 << 19
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
+
+
+def attention_probabilities(attn, query_states: torch.Tensor, key_states: torch.Tensor,
+                            chunk_elements: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Mean-over-heads softmax(QK^T * scale), computed in row chunks.
 
     query_states: (B, N, C) input of to_q; key_states: (B, M, C_kv) input of to_k.
     Adds into `out` (B, N, M) if given, else returns a new tensor.
 
     Speed (this runs beside every recorded layer): the scale is folded into q, the chunk's scores and
-    probabilities live in two buffers allocated once and reused (`out=`), and heads are summed slice by
-    slice into `out`, so each chunk is touched a few times while it is still in cache. Chunks of about
-    2^19 elements (2 MB, a core's L2) ran 2-3x faster than 2^24 on SD1.5's 64x64 layers (the 64 MB
-    temporaries of a big chunk are fresh pages each time). The layer's output is not touched.
+    probabilities live in two buffers allocated once and reused (`out=`), and each chunk is used while
+    it is still in cache. On CPU, chunks of about 2^19 elements (2 MB, a core's L2) ran 2-3x faster
+    than 2^24 on SD1.5's 64x64 layers (the 64 MB temporaries of a big chunk are fresh pages each
+    time). The layer's output is not touched.
     """
     q = attn.to_q(query_states)
     k = attn.to_k(key_states)
@@ -158,6 +163,8 @@ def attention_probabilities(attn, query_states: torch.Tensor, key_states: torch.
     kt = k.float().transpose(-1, -2).reshape(b * heads, d, m)
     if out is None:
         out = torch.zeros(b, n, m, device=q.device, dtype=torch.float32)
+    if chunk_elements is None:
+        chunk_elements = CPU_CHUNK_ELEMENTS if q.device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     rows = min(n, max(1, chunk_elements // max(1, b * heads * m)))
     scores = torch.empty(b * heads, rows, m, device=q.device, dtype=torch.float32)
     probs = torch.empty_like(scores)
@@ -166,10 +173,7 @@ def attention_probabilities(attn, query_states: torch.Tensor, key_states: torch.
         s, p = scores[:, :r], probs[:, :r]
         torch.bmm(q[:, i : i + r], kt, out=s)
         torch.softmax(s, -1, out=p)
-        p = p.view(b, heads, r, m)
-        acc = out[:, i : i + r]
-        for h in range(heads):
-            acc.add_(p[:, h], alpha=1.0 / heads)
+        out[:, i : i + r].add_(p.view(b, heads, r, m).sum(1), alpha=1.0 / heads)
     return out
 
 

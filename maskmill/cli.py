@@ -82,9 +82,9 @@ def _cmd_segment(a) -> int:
 
 def _cmd_toyworld(a) -> int:
     if a.toy == "train":
-        from .toyworld.train import train
+        from .toyworld.train import main as train_main
 
-        print(json.dumps(train(a.out, a.steps, a.vae_steps, a.scenes, a.batch), indent=1))
+        train_main(a.args)
         return 0
     if a.toy == "bench-ovdiff":
         from .toyworld.bench_ovdiff import main_args
@@ -149,12 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("toyworld", help="the shapes world: train, evaluate, benchmark masks")
     tsub = t.add_subparsers(dest="toy", required=True)
-    tt = tsub.add_parser("train")
-    tt.add_argument("--out", type=Path, required=True)
-    tt.add_argument("--steps", type=int, default=6000)
-    tt.add_argument("--vae-steps", type=int, default=1200)
-    tt.add_argument("--scenes", type=int, default=30000)
-    tt.add_argument("--batch", type=int, default=48)
+    tt = tsub.add_parser("train", help="train the micro SD (arguments of python -m maskmill.toyworld.train)")
+    tt.add_argument("args", nargs=argparse.REMAINDER)
     for name in ("eval", "bench-masks"):
         te = tsub.add_parser(name)
         te.add_argument("--model", default="shapes-sd")
@@ -170,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--timestep", type=int, default=200)
     to.add_argument("--feature-size", type=int, help="resize images to this side before the UNet (default: as is)")
     to.add_argument("--refine", action="store_true", help="also report full + PAMR refinement")
+    to.add_argument("--no-diagnostics", action="store_true", help="skip the oracle-support diagnostic rows")
     to.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy machine)")
     to.add_argument("--json", type=Path)
     t.set_defaults(fn=_cmd_toyworld)

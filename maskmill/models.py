@@ -92,7 +92,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, scheduler: str | None = None, devi
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     cls_name = pipeline_class_name(model)
-    kwargs = dict(local_files_only=True, torch_dtype=dtype)
+    kwargs = dict(local_files_only=True, dtype=dtype)
     if not isinstance(src, Path):  # a hub id: read the same cache resolve_model looked in
         kwargs["cache_dir"] = hf_cache_dir()
     if "XL" in cls_name:

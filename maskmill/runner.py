@@ -23,6 +23,12 @@ Rules:
 - Partial shards (no stats) are cleaned only under their lock, so a shard another worker is
   writing right now is never touched.
 
+Same config -> same samples, byte for byte, given the same hardware, torch build and torch
+thread count, and the same `batch_size` (batched convolutions round differently: another batch
+size moves the odd pixel by 1/255, although batch_size is left out of the fingerprint because
+the samples are otherwise the same). Shard ids and seeds come from the plan, never from the
+worker, process or GPU count.
+
 `run_direct` is the same work as the `generate_dataset` flow without Prefect: the reference for
 the orchestration-overhead benchmark, the subject of the kill test, and what accelerate ranks
 run when no Prefect server is configured. `python -m maskmill.runner --config C [--set k=v]`

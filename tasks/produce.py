@@ -1,11 +1,18 @@
 """The generation task: one shard per task run, mapped over shard ids.
 
 The pipeline is loaded once per worker process (`maskmill.runner.cached_pipeline`, keyed by
-model, scheduler and device) and used by one task at a time. The task is tagged "gpu" so a
-tag-based task concurrency limit can cap it; to cap *only the generation step*, set
-MASKMILL_GPU_LIMIT to the name of a Prefect global concurrency limit (e.g. "gpu" after
-`prefect gcl create gpu --limit 1`): each batch's generation then runs inside
-`concurrency(name, occupy=1)`, while extraction and shard writing stay outside it.
+model, scheduler and device) and used by one task at a time.
+
+Concurrency limits, both opt-in on the worker's environment:
+- MASKMILL_GPU_LIMIT=<name of a global concurrency limit> (e.g. "gpu" after
+  `prefect gcl create gpu --limit 1`): each batch's *generation* runs inside
+  `concurrency(name, occupy=1)`; extraction and shard writing stay outside it. The recommended
+  way to share a GPU.
+- MASKMILL_TASK_TAGS=gpu (comma-separated): the flow tags its produce task runs, so a tag-based
+  task concurrency limit (`prefect concurrency-limit create gpu 1`) caps whole shard tasks.
+  Not on by default: with any tag, Prefect 3.8 acquires a slot lease for every task run, which
+  cost about 2 s per shard here (ephemeral SQLite server on a busy machine) - 7 % of a
+  128-sample run.
 """
 from __future__ import annotations
 
@@ -21,6 +28,12 @@ from maskmill.runner import cached_pipeline, produce_claimed, prepare_run
 
 GPU_TAG = "gpu"
 GPU_LIMIT_ENV = "MASKMILL_GPU_LIMIT"
+TASK_TAGS_ENV = "MASKMILL_TASK_TAGS"
+
+
+def task_tags() -> list[str]:
+    """Tags for the produce task runs, from MASKMILL_TASK_TAGS (e.g. "gpu"); none by default."""
+    return [t.strip() for t in os.environ.get(TASK_TAGS_ENV, "").split(",") if t.strip()]
 
 
 def generation_gate():
@@ -33,7 +46,7 @@ def generation_gate():
     return lambda: concurrency(name, occupy=1, strict=False)
 
 
-@task(name="produce-shard", tags=[GPU_TAG], retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+@task(name="produce-shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="shard-{shard_id}")
 def produce_shard_task(config_path: str, overrides: list[str] | None, shard_id: int) -> dict[str, Any]:
     """Generate, extract, filter and write shard `shard_id` of the run described by the config.

@@ -168,7 +168,8 @@ def support_for(spec: dict, class_name: str, pipe=None):
     return generate_support(pipe, class_name, spec["n_support"], prompts=sup["prompts"], seed=sup["seed"],
                             steps=sup["steps"], guidance=sup["guidance"],
                             extractor=get_extractor(ex["name"], **ex.get("params", {})),
-                            bg_soft_threshold=sup["bg_soft_threshold"], batch_size=sup.get("batch_size", 8))
+                            bg_soft_threshold=sup["bg_soft_threshold"], batch_size=sup.get("batch_size", 8),
+                            **sup.get("filter", {}))
 
 
 def build_or_reuse(class_name: str, cache_root: str, spec: dict) -> dict:

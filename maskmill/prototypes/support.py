@@ -59,6 +59,8 @@ class SupportSet:
     seeds: list[int] = field(default_factory=list)
     source: str = ""
     seconds: float = 0.0
+    generated: int = 0  # images generated to get this set (generate only)
+    dropped: dict = field(default_factory=dict)  # reason -> images left out by the mask filter
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -81,7 +83,7 @@ class SupportSet:
                 "fg_fraction": float(self.fg.mean()) if len(self) else 0.0,
                 "bg_fraction": float(self.bg.mean()) if len(self) else 0.0,
                 "empty_fg": int((~self.fg.reshape(len(self), -1).any(1)).sum()) if len(self) else 0,
-                "seconds": self.seconds}
+                "generated": self.generated, "dropped": dict(self.dropped), "seconds": self.seconds}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,11 +96,14 @@ def support_defaults(model: str | None) -> dict:
     OVDiff's recipe ("a good picture of a {class}", 30 steps, guidance 8) everywhere except the
     embedded micro model, which only knows its own captions ("a red circle") and was trained for
     25 DDIM steps at guidance 4: there the "shapes" prompt set, whose seed phrase is the whole
-    noun phrase (the micro model localises through the colour word, ANCHORS §4).
+    noun phrase (the micro model localises through the colour word, ANCHORS §4), and the mask
+    filter of configs/shapes.yaml (objects there cover a few % of the image, never 90 %).
     """
-    if model == "shapes-sd":
-        return {"prompts": "shapes", "steps": 25, "guidance": 4.0}
-    return {"prompts": OVDIFF_TEMPLATE, "steps": OVDIFF_STEPS, "guidance": OVDIFF_GUIDANCE}
+    if model == "shapes-sd":  # sampler and mask filter of configs/shapes.yaml
+        return {"prompts": "shapes", "steps": 25, "guidance": 4.0, "min_confidence": 0.2, "min_area": 0.01,
+                "max_area": 0.9, "max_tries_factor": 2.0}
+    return {"prompts": OVDIFF_TEMPLATE, "steps": OVDIFF_STEPS, "guidance": OVDIFF_GUIDANCE, "min_confidence": 0.0,
+            "min_area": 0.0, "max_area": 1.0, "max_tries_factor": 1.0}
 
 
 def _prompt_source(prompts):
@@ -146,7 +151,9 @@ def _capture_config_for(extractor, pipe, latent):
 def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, seed: int = 0,
                      steps: int = OVDIFF_STEPS, guidance: float = OVDIFF_GUIDANCE, extractor="seediff",
                      height: int | None = None, width: int | None = None, batch_size: int = 8,
-                     bg_soft_threshold: float = BG_SOFT_THRESHOLD, drop_empty: bool = True) -> SupportSet:
+                     bg_soft_threshold: float = BG_SOFT_THRESHOLD, drop_empty: bool = True,
+                     min_confidence: float = 0.0, min_area: float = 0.0, max_area: float = 1.0,
+                     max_tries_factor: float = 1.0) -> SupportSet:
     """Generate n images of `class_name` and read their fg/bg masks from attention.
 
     prompts: a template with a {class} slot ("a good picture of a {class}"; "[...]" marks the
@@ -156,6 +163,12 @@ def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, see
     fg = label 1; bg = label 0 and the class's soft score < bg_soft_threshold (255 is neither).
     drop_empty: leave out images whose class mask came out empty (the generator missed the
         class); their "background" would then contain the missed object.
+    min_confidence, min_area, max_area: also leave out images whose class confidence (from the
+        extractor) or mask area (fraction of the image) is outside these bounds: the same
+        quality filter a dataset run applies (configs/*.yaml `filter`), so generated and
+        run-read support sets hold comparable masks.
+    max_tries_factor: generate up to n * factor images to keep n (1.0: exactly n tries; the
+        set is then smaller when images are dropped).
     """
     from ..extractors import ClassSpec, get_extractor
     from ..generate import GenerationSettings, generate_with_attention, latent_hw
@@ -168,12 +181,17 @@ def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, see
     settings = GenerationSettings(steps=int(steps), guidance=float(guidance), height=int(height or side),
                                   width=int(width or side))
     capture = _capture_config_for(ex, pipe, latent_hw(pipe, settings.height, settings.width))
-    filled = support_prompts(class_name, n, prompts, seed)
-    seeds = [support_seed(class_name, seed, i) for i in range(n)]
+    tries = max(n, int(np.ceil(n * max(1.0, float(max_tries_factor)))))
+    filled = support_prompts(class_name, tries, prompts, seed)
+    seeds = [support_seed(class_name, seed, i) for i in range(tries)]
     t0 = time.perf_counter()
     images, fgs, bgs, keys, kept_prompts, kept_seeds = [], [], [], [], [], []
-    for start in range(0, n, batch_size):
-        chunk = range(start, min(n, start + batch_size))
+    dropped: dict[str, int] = {}
+    next_index = 0
+    while len(images) < n and next_index < tries:
+        # Never more images per batch than still missing: with no drops exactly n are generated.
+        chunk = range(next_index, min(tries, next_index + min(batch_size, n - len(images))))
+        next_index = chunk.stop
         texts = [filled[i].text for i in chunk]
         imgs, attns = generate_with_attention(pipe, texts, [seeds[i] for i in chunk], settings, capture)
         for i, img, attn in zip(chunk, imgs, attns):
@@ -182,9 +200,16 @@ def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, see
             res = ex.extract(attn, [spec], img)
             fg = res.labels == 1
             bg = (res.labels == 0) & (res.soft[0] < bg_soft_threshold)
-            if drop_empty and not fg.any():
-                log.info("support %s #%d (%r): empty class mask, dropped", class_name, i, filled[i].text)
+            area = float(fg.mean())
+            reason = ("empty mask" if drop_empty and not fg.any() else
+                      "low confidence" if float(res.confidence[0]) < min_confidence else
+                      "area" if not (min_area <= area <= max_area) else "")
+            if reason:
+                dropped[reason] = dropped.get(reason, 0) + 1
+                log.info("support %s #%d (%r): %s, dropped", class_name, i, filled[i].text, reason)
                 continue
+            if len(images) == n:
+                break
             images.append(img)
             fgs.append(fg)
             bgs.append(bg)
@@ -192,9 +217,13 @@ def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, see
             kept_prompts.append(filled[i].text)
             kept_seeds.append(seeds[i])
     if not images:
-        raise ValueError(f"class {class_name!r}: all {n} generated support images had an empty class mask")
+        raise ValueError(f"class {class_name!r}: none of {next_index} generated support images passed the mask "
+                         f"filter (dropped: {dropped})")
+    if len(images) < n:
+        log.warning("class %r: kept %d of %d support images after %d tries (dropped: %s)", class_name, len(images),
+                    n, next_index, dropped)
     return SupportSet(class_name, np.stack(images), np.stack(fgs), np.stack(bgs), keys, kept_prompts, kept_seeds,
-                      source="generate", seconds=time.perf_counter() - t0)
+                      source="generate", seconds=time.perf_counter() - t0, generated=next_index, dropped=dropped)
 
 
 def _key_safe(name: str) -> str:

@@ -45,6 +45,11 @@ class BenchSettings:
     guidance: float = 4.0
     extractor: str = "seediff"
     bg_soft_threshold: float = 0.2
+    # support mask filter: that of configs/shapes.yaml (a dataset run keeps the same samples)
+    min_confidence: float = 0.2
+    min_area: float = 0.01
+    max_area: float = 0.9
+    max_tries_factor: float = 2.0
     timestep: int = 200
     layers: list[str] | None = None  # None: every decoder cross-attention (OVDiff)
     feature_size: int | None = None  # None: the image's own size (32 px -> 16x16 features on the micro SD)
@@ -52,6 +57,7 @@ class BenchSettings:
     bg_min_fraction: float = 0.5
     confusing_bg_threshold: float | None = 0.85
     refine: bool = False  # also report full + PAMR refinement
+    diagnostics: bool = True  # also banks from oracle support masks (see `diagnostic_supports`)
 
 
 class CachedFeatures(FeatureExtractor):
@@ -104,6 +110,70 @@ def iou_table(cm: np.ndarray) -> dict:
     return {"miou": float(np.mean(valid)), "per_class": ious, "pixel_acc": float(inter.sum() / cm.sum())}
 
 
+def recovered_support(sup: SupportSet) -> SupportSet:
+    """Diagnostic: the same generated images with masks recovered from their colours instead of the
+    extractor's (fg = pixels of the prompt's colour, bg = unsaturated background)."""
+    from .recover import recover_masks
+    from .render import COLOURS
+
+    keep, fgs, bgs = [], [], []
+    for i, prompt in enumerate(sup.prompts):
+        colour = next((w for w in prompt.split() if w in COLOURS), None)
+        if colour is None:
+            continue
+        labels, _ = recover_masks(sup.images[i], [colour])
+        if (labels == 1).sum() == 0:
+            continue
+        keep.append(i)
+        fgs.append(labels == 1)
+        bgs.append(labels == 0)
+    if not keep:
+        raise ValueError(f"no colour-recoverable object in the support images of {sup.class_name!r}")
+    return SupportSet(sup.class_name, sup.images[keep], np.stack(fgs), np.stack(bgs), [sup.keys[i] for i in keep],
+                      [sup.prompts[i] for i in keep], [sup.seeds[i] for i in keep], source="recovered")
+
+
+def rendered_support(class_name: str, n: int, seed: int = 0) -> SupportSet:
+    """Diagnostic: n rendered one-object scenes of the class with exact masks (no generation at all)."""
+    from dataclasses import replace
+
+    from .render import Scene
+
+    rng = np.random.default_rng([seed, SHAPES.index(class_name), 7])
+    images, fgs, bgs = [], [], []
+    for _ in range(n):
+        base = sample_scene(rng, n_objects=1)
+        scene = Scene(objects=[replace(base.objects[0], shape=class_name)], background_value=base.background_value,
+                      background_period=base.background_period, background_offset=base.background_offset,
+                      size=base.size)
+        image, inst = render(scene)
+        images.append(image)
+        fgs.append(inst == 1)
+        bgs.append(inst == 0)
+    return SupportSet(class_name, np.stack(images), np.stack(fgs), np.stack(bgs),
+                      [f"rendered-{class_name}-{i}" for i in range(n)], source="rendered")
+
+
+def support_mask_iou(sup: SupportSet) -> dict:
+    """How good the extractor's support masks are: IoU of fg with the colour-recovered object mask, and
+    the fraction of bg pixels that are really background (mean over images)."""
+    from .recover import recover_masks
+    from .render import COLOURS
+
+    ious, bg_ok = [], []
+    for i, prompt in enumerate(sup.prompts):
+        colour = next((w for w in prompt.split() if w in COLOURS), None)
+        if colour is None:
+            continue
+        gt = recover_masks(sup.images[i], [colour])[0] == 1
+        fg = sup.fg[i]
+        ious.append(float((fg & gt).sum() / max(1, (fg | gt).sum())))
+        if sup.bg[i].any():
+            bg_ok.append(float((sup.bg[i] & ~gt).sum() / sup.bg[i].sum()))
+    return {"fg_iou": float(np.mean(ious)) if ious else float("nan"),
+            "bg_precision": float(np.mean(bg_ok)) if bg_ok else float("nan")}
+
+
 def write_support_run(supports: list[SupportSet], root: Path) -> float:
     """The support sets as a dataset run (what a `generate` run of these prompts leaves): one shard per
     class, masks = run class id on fg, 0 on bg, 255 elsewhere. Returns seconds spent writing."""
@@ -151,17 +221,20 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
     supports, banks, per_class = [], [], {}
     for c in SHAPES:
         sup = generate_support(pipe, c, s.n_support, prompts="shapes", seed=s.seed, steps=s.steps,
-                               guidance=s.guidance, extractor=s.extractor, bg_soft_threshold=s.bg_soft_threshold)
+                               guidance=s.guidance, extractor=s.extractor, bg_soft_threshold=s.bg_soft_threshold,
+                               min_confidence=s.min_confidence, min_area=s.min_area, max_area=s.max_area,
+                               max_tries_factor=s.max_tries_factor)
         t0 = time.perf_counter()
         bank = bank_from_support(sup, features, k_parts=s.k_parts, seed=s.seed, fg_min_fraction=s.fg_min_fraction,
                                  bg_min_fraction=s.bg_min_fraction, fingerprint=fp)
         bank_s = time.perf_counter() - t0
         counts = bank.counts()[c]
-        per_class[c] = {"support_images": len(sup), "generate_seconds": sup.seconds, "bank_seconds": bank_s,
+        per_class[c] = {"support_images": len(sup), "generated": sup.generated, "dropped": sup.dropped,
+                        "generate_seconds": sup.seconds, "bank_seconds": bank_s,
                         "build_seconds": sup.seconds + bank_s, "fg_prototypes": counts["fg"],
                         "bg_prototypes": counts["bg"], "fg_fraction": float(sup.fg.mean()),
                         "bg_fraction": float(sup.bg.mean())}
-        log(f"  {c}: {len(sup)} support images, generated in {sup.seconds:.1f} s, bank in {bank_s:.1f} s")
+        log(f"  {c}: {len(sup)} support images kept of {sup.generated} (dropped: {sup.dropped}), generated in {sup.seconds:.1f} s, bank in {bank_s:.1f} s")
         supports.append(sup)
         banks.append(bank)
     bank = merge_banks(banks)
@@ -192,6 +265,15 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
         table[name], seconds[name] = evaluate_bank(cached, bank, images, labels, s, **kw)
         log(f"  {name}: mIoU {table[name]['miou']:.3f}")
     extra = {}
+    if s.diagnostics:
+        diag = {"diagnostic: generated support, masks recovered from colours": [recovered_support(x) for x in supports],
+                "diagnostic: rendered support, exact masks": [rendered_support(c, s.n_support, s.seed) for c in SHAPES]}
+        for name, sets in diag.items():
+            dbank = merge_banks([bank_from_support(x, features, k_parts=s.k_parts, seed=s.seed,
+                                                   fg_min_fraction=s.fg_min_fraction,
+                                                   bg_min_fraction=s.bg_min_fraction, fingerprint=fp) for x in sets])
+            extra[name], _ = evaluate_bank(cached, dbank, images, labels, s)
+            log(f"  {name}: mIoU {extra[name]['miou']:.3f}")
     if s.refine:
         from ..segment_cli import pamr_refiner
 
@@ -205,6 +287,7 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
         "per_class_build": per_class, "support_reuse": reuse,
         "segment_seconds_per_image": seconds["full"] / len(images),  # features + scoring, first pass
         "score_seconds_per_image": {k: v / len(images) for k, v in seconds.items() if k != "full"},
+        "support_mask_quality": {sup.class_name: support_mask_iou(sup) for sup in supports},
         "bank_prototypes": len(bank), "feature_grid": list(cached(images[:1]).shape[-2:]),
         "image_size": IMAGE_SIZE,
     }
@@ -222,11 +305,16 @@ def format_report(r: dict) -> str:
         cells = " | ".join(f"{t['per_class'][c]:.3f}" for c in r["classes"])
         lines.append(f"| {name} | {t['miou']:.3f} | {cells} | {t['pixel_acc']:.3f} |")
     lines.append("checks: " + "; ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in r["checks"].items()))
+    if r.get("support_mask_quality"):
+        lines.append("support masks vs colour-recovered truth: " + "; ".join(
+            f"{c} fg IoU {q['fg_iou']:.2f}, bg precision {q['bg_precision']:.2f}"
+            for c, q in r["support_mask_quality"].items()))
     lines += ["", "bank build per class (generate support + features + prototypes):",
-              "| class | support images | generate s | features+prototypes s | total s | fg / bg prototypes |",
+              "| class | support images kept / generated | generate s | features+prototypes s | total s | "
+              "fg / bg prototypes |",
               "|---|---|---|---|---|---|"]
     for c, p in r["per_class_build"].items():
-        lines.append(f"| {c} | {p['support_images']} | {p['generate_seconds']:.2f} | {p['bank_seconds']:.2f} | "
+        lines.append(f"| {c} | {p['support_images']} / {p['generated']} | {p['generate_seconds']:.2f} | {p['bank_seconds']:.2f} | "
                      f"{p['build_seconds']:.2f} | {p['fg_prototypes']} / {p['bg_prototypes']} |")
     lines.append(f"segmentation: {r['segment_seconds_per_image'] * 1000:.1f} ms/image (features + scores + "
                  f"upsampling + argmax); scoring alone with cached features: "
@@ -236,6 +324,25 @@ def format_report(r: dict) -> str:
                  f"vs {u['generate_seconds']:.2f} s generating them: {u['saved_seconds']:.2f} s saved "
                  f"(x{u['speedup']:.0f}); identical support sets: {u['identical_support']}")
     return "\n".join(lines)
+
+
+def checkpoint_note(model: str) -> str:
+    """A warning when the toy model folder holds an intermediate training checkpoint (training writes
+    one every 1000 steps into the same folder; `training_summary.json` appears when it is final)."""
+    import json
+
+    from ..models import resolve_model
+
+    src = resolve_model(model)
+    if not isinstance(src, Path) or not (src / "training_log.json").exists():
+        return ""
+    try:
+        tag = json.loads((src / "training_log.json").read_text()).get("tag", "")
+    except (OSError, ValueError):
+        return ""
+    if tag != "final" or not (src / "training_summary.json").exists():
+        return f"note: {src} holds an intermediate training checkpoint ({tag or 'unknown'}), not the final model"
+    return ""
 
 
 def main_args(a) -> int:
@@ -248,9 +355,14 @@ def main_args(a) -> int:
         torch.set_num_threads(int(a.threads))  # OpenMP spin-waits make 2 threads far slower on a shared 2-core box
     settings = BenchSettings(n_support=a.n_support, n_test=a.n_test, k_parts=a.k_parts,
                              timestep=getattr(a, "timestep", 200), feature_size=getattr(a, "feature_size", None),
-                             refine=bool(getattr(a, "refine", False)))
+                             refine=bool(getattr(a, "refine", False)),
+                             diagnostics=not getattr(a, "no_diagnostics", False))
     pipe = load_pipeline(a.model)
+    note = checkpoint_note(a.model)
+    if note:
+        print(note)
     report = run(pipe, settings, model_id=a.model)
+    report["model_note"] = note
     print(format_report(report))
     if getattr(a, "json", None):
         Path(a.json).write_text(json.dumps(report, indent=1, default=str))

@@ -1,6 +1,8 @@
 """Train the micro Stable Diffusion on the shapes world.
 
-    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd          # full run (~40 min, 2 CPU cores)
+    # the committed model (~60 min on one busy CPU core):
+    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 4000 --vae-steps 500 \
+        --vae-batch 32 --batch 32 --scenes 16000 --threads 1 --workers 1
     python -m maskmill.toyworld.train --out /tmp/m --steps 5 --vae-steps 5 --scenes 64   # smoke test
 
 Stage 1 trains the VAE on textured scenes (a VAE that never saw stripes erases them,
@@ -87,7 +89,7 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-def train(out: Path, steps: int = 7000, vae_steps: int = 1500, scenes: int = 30000, batch: int = 48,
+def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 16000, batch: int = 32,
           lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
           data_cache: str | None = None, workers: int = 2) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
@@ -188,10 +190,10 @@ def train(out: Path, steps: int = 7000, vae_steps: int = 1500, scenes: int = 300
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=7000)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--scenes", type=int, default=30000)
-    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--scenes", type=int, default=16000)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-batch", type=int, default=32)
