@@ -21,7 +21,9 @@ Run from the repository root:
    difference in time spent *around* the shard work (wall time minus the claim-to-written time
    of every shard, logged in the run's writers.jsonl: the same `produce_claimed` call in both
    modes), relative to the direct run's wall time: planning, pipeline loading, task and
-   state bookkeeping, artifacts, validation, preview.
+   state bookkeeping, artifacts, validation, preview. CPU seconds of this process and of the
+   local Prefect server process (a child, when ephemeral) are printed as a cross-check: on this
+   2-core CPU machine the server's CPU competes with generation, on a GPU host it would not.
 2. Memory. Peak RSS of fresh subprocesses that run the flow (`--memory-mode direct`: the
    runner) on 256 and on 2,048 samples of a fast config (1 step, batch 32, shards of 128,
    permissive filter), printed with the growth over the RSS just before the run and as a ratio.
@@ -88,6 +90,20 @@ def pick_model(tmp: Path, choice: str) -> tuple[str, list[str], str]:
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def children_cpu_s() -> float:
+    """CPU seconds used so far by this process's live children (the ephemeral Prefect server)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        if int(fields[1]) == os.getpid():
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def peak_rss_mb() -> float:
@@ -164,30 +180,34 @@ def run_overhead(args, model: str, extra: list[str], tmp: Path) -> dict:
     times: dict[str, list[float]] = {"direct": [], "flow": []}
     cpu: dict[str, list[float]] = {"direct": [], "flow": []}
     outside: dict[str, list[float]] = {"direct": [], "flow": []}
+    server: dict[str, list[float]] = {"direct": [], "flow": []}
     for r in range(args.repeats):
         order = ("direct", "flow") if r % 2 == 0 else ("flow", "direct")
         for mode in order:
             out = tmp / f"{mode}-{r}"
             overrides = [*base, f"output={out}"]
             clear_pipeline_cache()
-            c0, t0 = time.process_time(), time.perf_counter()
+            c0, t0, k0 = time.process_time(), time.perf_counter(), children_cpu_s()
             if mode == "direct":
                 summary = run_direct(load_config(cfg_path, overrides), cfg_path, progress=False)
             else:
                 summary = generate_dataset(str(cfg_path), overrides)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            dt, dc, dk = time.perf_counter() - t0, time.process_time() - c0, children_cpu_s() - k0
             assert summary["complete"] and summary["valid"], summary
             work = shard_seconds(out)
             times[mode].append(dt)
             cpu[mode].append(dc)
             outside[mode].append(dt - work)
+            server[mode].append(dk)
             print(f"  repeat {r}: {mode:6s} {dt:7.2f} s wall ({work:7.2f} s writing shards, {dt - work:5.2f} s "
-                  f"around them), {dc:7.2f} s CPU (this process), {summary['accepted']} accepted", flush=True)
+                  f"around them), CPU {dc:7.2f} s in this process + {dk:5.2f} s in the Prefect server, "
+                  f"{summary['accepted']} accepted", flush=True)
     d, f = statistics.median(times["direct"]), statistics.median(times["flow"])
     od, of = statistics.median(outside["direct"]), statistics.median(outside["flow"])
     return {"direct_s": d, "flow_s": f, "overhead_pct": 100 * (f / d - 1), "cold_start_s": cold,
             "outside_direct_s": od, "outside_flow_s": of, "extra_outside_pct": 100 * (of - od) / d,
-            "direct_cpu_s": statistics.median(cpu["direct"]), "flow_cpu_s": statistics.median(cpu["flow"])}
+            "direct_cpu_s": statistics.median(cpu["direct"]), "flow_cpu_s": statistics.median(cpu["flow"]),
+            "server_cpu_flow_s": statistics.median(server["flow"])}
 
 
 def shard_seconds(run_dir: Path) -> float:
@@ -243,7 +263,10 @@ def main() -> None:
               f"  time around the shard work: direct {o['outside_direct_s']:.2f} s, flow {o['outside_flow_s']:.2f} s "
               f"-> orchestration overhead {o['extra_outside_pct']:+.2f} % of the direct run "
               f"(target <= 5 % at 512 samples: {verdict});\n"
-              f"  CPU in this process: direct {o['direct_cpu_s']:.2f} s, flow {o['flow_cpu_s']:.2f} s", flush=True)
+              f"  CPU: direct {o['direct_cpu_s']:.2f} s, flow {o['flow_cpu_s']:.2f} s in this process "
+              f"+ {o['server_cpu_flow_s']:.2f} s in the Prefect server "
+              f"({100 * (o['flow_cpu_s'] + o['server_cpu_flow_s'] - o['direct_cpu_s']) / o['direct_cpu_s']:+.2f} %)",
+              flush=True)
     if not args.skip_memory:
         print(f"\n2. memory vs sample count ({args.memory_mode}, fresh subprocesses, 1 step, batch 32, "
               f"shards of 128)", flush=True)

@@ -28,7 +28,8 @@ from .extractors.base import SampleAttention
 class CaptureConfig:
     """What to record.
 
-    cross: record cross-attention of every prompt token in every cross-attention layer (cheap).
+    cross: record cross-attention of every prompt token in the cross-attention layers (cheap).
+    cross_sides: only the cross-attention layers at these resolution sides; None records all of them.
     self_blocks: resolution side -> UNet block kinds ("down", "mid", "up") whose self-attention is
         averaged into that side's map. None records every side from every block; sides not listed
         are not recorded (their probabilities are never computed).
@@ -39,6 +40,7 @@ class CaptureConfig:
     """
 
     cross: bool = True
+    cross_sides: tuple[int, ...] | None = None
     self_blocks: dict[int, tuple[str, ...]] | None = None
     steps: tuple[float, float] = (0.0, 1.0)
     chunk_elements: int | None = None
@@ -205,7 +207,8 @@ class CaptureProcessor:
         hw = store.side_of(x.shape[1])
         x = store.conditional(x)
         if self.is_cross:
-            if not store.config.cross or encoder_hidden_states is None:
+            sides = store.config.cross_sides
+            if not store.config.cross or encoder_hidden_states is None or (sides is not None and hw[0] not in sides):
                 return
             ctx = store.conditional(encoder_hidden_states)
             if attn.norm_cross:

@@ -7,14 +7,16 @@
 A run folder (the config's `output`) holds, besides `shards/` and `classes.json`:
 
     config.yaml        the resolved config (loadable with `load_config`), fingerprint in its header
-    run.json           {"fingerprint", "identity" (what the fingerprint covers), "num_shards", ...}
+    run.json           {"fingerprint", "identity" (what the fingerprint covers), "model_identity"
+                       (hash of the model's weights), "num_shards", ...}
     locks/00007.lock   a shard being written: {"host", "pid", "start", "time"}; gone when it is done
     locks/.guard       flock()ed while the folder is prepared or a stale lock is broken
     writers.jsonl      append-only log of claims: one "written" line per shard ever completed
 
 Rules:
 - A folder that holds a run of another config fingerprint is refused (`RunConflictError`, naming
-  both fingerprints and the differing keys) before anything is written.
+  both fingerprints and the differing keys) before anything is written; so is a rerun after the
+  model's weights changed under the same name (e.g. retrained into the same folder).
 - Several workers (processes, hosts on a shared filesystem, accelerate ranks, Prefect workers)
   may work on one run. A worker writes a shard only while it holds the shard's lock file, created
   with O_CREAT|O_EXCL; it releases it after the shard's stats (the completion marker) are written.
@@ -110,6 +112,42 @@ def read_run_info(root: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt"}
+_HASH_LIMIT = 256 * 2**20  # hash the contents of models up to this size; above, names, sizes, mtimes
+_MODEL_IDS: dict[tuple, str] = {}
+
+
+def model_identity(model: str) -> str:
+    """What identifies the model's weights, beyond its name (the config only names the model).
+
+    A local folder: sha256 of its weight and config files (up to 256 MB; above that, of their
+    names, sizes and mtimes); a Hugging Face cache id: the cached snapshot's commit. Cached per
+    process while the files are unchanged. Catches a model retrained into the same folder
+    between an interrupted run and its rerun.
+    """
+    import hashlib
+
+    from .models import hf_cache_dir, resolve_model
+
+    src = resolve_model(model)
+    if not isinstance(src, Path):
+        ref = hf_cache_dir() / ("models--" + src.replace("/", "--")) / "refs" / "main"
+        return f"hub:{src}@{ref.read_text().strip() if ref.is_file() else 'unknown'}"
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    stats = tuple((p.relative_to(src).as_posix(), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+    key = (str(src.resolve()), stats)
+    if key not in _MODEL_IDS:
+        h = hashlib.sha256()
+        if sum(st[1] for st in stats) <= _HASH_LIMIT:
+            for p, (rel, _, _) in zip(files, stats):
+                h.update(rel.encode() + b"\0" + p.read_bytes())
+            _MODEL_IDS[key] = "sha256:" + h.hexdigest()[:16]
+        else:
+            h.update(repr(stats).encode())
+            _MODEL_IDS[key] = "files:" + h.hexdigest()[:16]
+    return _MODEL_IDS[key]
+
+
 def check_run_folder(cfg: RunConfig) -> None:
     """Raise RunConflictError if `cfg.output` holds another config's run. Reads only, writes nothing."""
     root = run_root(cfg)
@@ -125,6 +163,13 @@ def check_run_folder(cfg: RunConfig) -> None:
         return
     theirs = info.get("fingerprint")
     if theirs == mine:
+        then, now = info.get("model_identity"), model_identity(cfg.model)
+        if then is not None and then != now:
+            raise RunConflictError(
+                f"refusing to mix runs in {root}: model {cfg.model!r} has other weights than when this run "
+                f"started ({then} then, {now} now; config fingerprint {mine} unchanged), so its shards "
+                f"would mix two models. Choose another `output` (e.g. --set output={root}-2), restore the "
+                f"model, or remove the folder to start over.")
         return
     diffs = config_differences(info.get("identity", {}), identity(cfg))
     listed = "; ".join(diffs) if diffs else "(no key differs: the fingerprint rule changed)"
@@ -196,6 +241,7 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
         if read_run_info(root) is None:
             plan = RunPlan(cfg)
             info = {"fingerprint": cfg.fingerprint(), "identity": identity(cfg),
+                    "model_identity": model_identity(cfg.model),
                     "config_path": str(config_path) if config_path is not None else None,
                     "num_shards": plan.num_shards, "total_samples": plan.total, "stride": plan.stride,
                     "maskmill": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -151,6 +151,19 @@ def test_same_config_same_bytes_rerun_no_work_and_refusal(tmp_path, tiny_model, 
     assert "refusing to mix runs" in capsys.readouterr().err
     assert snapshot(root) == before
 
+    # same config, but the model was retrained into the same folder: refused as well
+    retrained = save_tiny_pipeline(tmp_path / "retrained", seed=1)
+    for f in retrained.rglob("*.safetensors"):
+        target = tiny_model / f.relative_to(retrained)
+        original = target.read_bytes()
+        target.write_bytes(f.read_bytes())
+        try:
+            with pytest.raises(RunConflictError, match="other weights than when this run started"):
+                run_direct(cfg_a, tmp_path / "a.yaml", progress=False)
+        finally:
+            target.write_bytes(original)  # the module's other tests use this model
+    assert snapshot(root) == before
+
 
 def test_shards_read_with_hf_datasets(tmp_path, tiny_model):
     """The shards load offline with HF `datasets` (same fields in every sample)."""

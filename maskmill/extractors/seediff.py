@@ -72,14 +72,14 @@ class SeeDiffExtractor(Extractor):
 
     def capture_config(self, unet, latent: tuple[int, int]) -> CaptureConfig:
         """Only what SeeDiff reads: self-attention at the seed side and finer (at >= 64, up-blocks only,
-        as the authors do), cross-attention everywhere (cheap)."""
+        as the authors do), cross-attention at the sides that seed."""
         sides = [latent[0] >> i for i in range(len(unet.config.block_out_channels))]
         seed = self.seed_side or default_seed_side(sorted(sides))
         finer = self.refine_sides if self.refine_sides is not None else [s for s in sides if s > seed]
         blocks = {seed: ("down", "mid", "up")}
         for s in finer:
             blocks[s] = ("up",) if s >= 64 else ("down", "mid", "up")
-        return CaptureConfig(self_blocks=blocks)
+        return CaptureConfig(self_blocks=blocks, cross_sides=tuple(self.cross_sides or [seed]))
 
     def soft_maps(self, attn: SampleAttention, classes: list[ClassSpec], hw: tuple[int, int]) -> torch.Tensor:
         """Steps 1-3 for each class, upsampled to `hw`: (K, H, W) in [0, 1]."""
