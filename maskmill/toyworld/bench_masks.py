@@ -10,6 +10,7 @@ extractor marks 255 count as wrong, pixels of colours the caption does not name 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -35,11 +36,23 @@ def image_scores(pred: np.ndarray, gt: np.ndarray, n_objects: int) -> tuple[floa
     return float(np.mean(ious)), float((pred[valid] == gt[valid]).mean())
 
 
+def shapes_config_params() -> dict[str, dict]:
+    """The extractor parameters the shapes-world run uses (configs/shapes.yaml), so the table measures them."""
+    from ..config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "shapes.yaml"
+    if not path.exists():
+        return {}
+    ex = load_config(path, check_files=False).extractor
+    return {ex.name: dict(ex.params)}
+
+
 def run(pipe, n: int = 64, methods: list[str] | None = None, params: dict[str, dict] | None = None,
         batch: int = 16) -> dict[str, dict]:
     """{method: {"miou_single", "miou_multi", "pixel_acc", "seconds_per_image"}} on one image set."""
     methods = [m for m in (methods or DEFAULT_METHODS) if m in extractor_names()]
-    return run_variants(pipe, n, {m: (m, (params or {}).get(m, {})) for m in methods}, batch)
+    params = shapes_config_params() if params is None else params
+    return run_variants(pipe, n, {m: (m, params.get(m, {})) for m in methods}, batch)
 
 
 def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int = 16) -> dict[str, dict]:
