@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def peak_rss_mb() -> float:
 
 
 # --- memory child -------------------------------------------------------------------------------------
-def memory_child(mode: str, samples: int, model: str, extra: list[str], out: Path, threads: int) -> None:
+def memory_child(mode: str, samples: int, model: str, extra: list[str], out: Path, threads: int,
+                 config: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -119,7 +121,7 @@ def memory_child(mode: str, samples: int, model: str, extra: list[str], out: Pat
 
     overrides = [f"model={model}", f"images_per_class={samples // 4}", "steps=1", "batch_size=32",
                  "shard_size=128", f"output={out}", *extra]
-    cfg_path = REPO / "configs" / "shapes.yaml"
+    cfg_path = Path(config)
     cfg = load_config(cfg_path, overrides)
     if mode == "flow":
         from flows.generate_dataset import generate_dataset
@@ -141,7 +143,7 @@ def run_memory(args, model: str, extra: list[str], tmp: Path) -> list[dict]:
     env.pop("PREFECT_API_URL", None)  # each child: its own ephemeral server in its own PREFECT_HOME
     for n in args.memory_samples:
         cmd = [sys.executable, __file__, "--memory-child", args.memory_mode, str(n), model, str(tmp / f"mem-{n}"),
-               json.dumps(extra), "--threads", str(args.threads)]
+               json.dumps(extra), "--threads", str(args.threads), "--config", str(args.config)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not line:
@@ -158,7 +160,7 @@ def run_overhead(args, model: str, extra: list[str], tmp: Path) -> dict:
     from maskmill.config import load_config
     from maskmill.runner import clear_pipeline_cache, run_direct
 
-    cfg_path = REPO / "configs" / "shapes.yaml"
+    cfg_path = args.config
     if args.samples % 4:
         sys.exit("--samples must be a multiple of 4 (4 classes)")
     base = [f"model={model}", f"images_per_class={args.samples // 4}", "shard_size=32", *extra]
@@ -232,6 +234,7 @@ def main() -> None:
     p.add_argument("--model", default="auto", choices=["auto", "shapes-sd", "tiny"])
     p.add_argument("--memory-samples", type=lambda s: [int(x) for x in s.split(",")], default=[256, 2048])
     p.add_argument("--memory-mode", choices=["flow", "direct"], default="flow")
+    p.add_argument("--config", default=str(REPO / "configs" / "shapes.yaml"), help=argparse.SUPPRESS)
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-child", nargs=5, metavar=("MODE", "N", "MODEL", "OUT", "EXTRA"), help=argparse.SUPPRESS)
@@ -239,7 +242,7 @@ def main() -> None:
 
     if args.memory_child:
         mode, n, model, out, extra = args.memory_child
-        memory_child(mode, int(n), model, json.loads(extra), Path(out), args.threads)
+        memory_child(mode, int(n), model, json.loads(extra), Path(out), args.threads, args.config)
         return
 
     # before torch starts: every thread (the flow runs tasks in a worker thread) gets the same count
@@ -250,6 +253,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    # a private copy of the config: an edit of configs/shapes.yaml during the benchmark changes nothing
+    shutil.copy(args.config, tmp / "shapes.yaml")
+    args.config = str(tmp / "shapes.yaml")
     model, extra, desc = pick_model(tmp, args.model)
     print(f"model: {desc}\ntorch threads: {args.threads}; work folder: {tmp}", flush=True)
     report: dict = {"model": desc}

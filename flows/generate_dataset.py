@@ -38,7 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from maskmill.config import load_config  # noqa: E402
 from maskmill.plan import RunPlan  # noqa: E402
-from maskmill.runner import run_root  # noqa: E402
+from maskmill.runner import resolved_config_path, run_root  # noqa: E402
 from tasks import (  # noqa: E402
     plan_run,
     produce_shard_task,
@@ -87,7 +87,10 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
 
     tags = task_tags()  # MASKMILL_TASK_TAGS=gpu: for a tag-based task concurrency limit
     produce = produce_shard_task.with_options(tags=tags) if tags else produce_shard_task
-    futures = produce.map(config_path, unmapped(overrides), pending)
+    # Shard tasks read the run's frozen, resolved config.yaml (written by plan_run), not the
+    # source file: editing configs/... while this run goes on cannot change it halfway.
+    frozen = str(resolved_config_path(cfg))
+    futures = produce.map(frozen, unmapped([]), pending)
     shard_of = {id(f): sid for f, sid in zip(futures, pending)}
     outcomes: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}
@@ -110,7 +113,11 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
         create_table_artifact(table=rows, key=artifact_key(run_dir, "shards"),
                               description=f"Per-shard stats of {run_dir}")
     if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed after retries: {failed}; rerun to redo them")
+        by_error: dict[str, list[int]] = {}
+        for sid, err in sorted(failed.items()):
+            by_error.setdefault(err, []).append(sid)
+        listed = "; ".join(f"shards {ids}: {err}" for err, ids in by_error.items())
+        raise RuntimeError(f"{len(failed)} shard(s) failed after retries ({listed}); rerun to redo them")
 
     valid, sheet = None, None
     if summary["complete"]:

@@ -6,7 +6,8 @@
 
 A run folder (the config's `output`) holds, besides `shards/` and `classes.json`:
 
-    config.yaml        the resolved config (loadable with `load_config`), fingerprint in its header
+    config.yaml        the resolved config (overrides applied, loadable with `load_config`),
+                       fingerprint in its header; the flow's shard tasks read this frozen copy
     run.json           {"fingerprint", "identity" (what the fingerprint covers), "model_identity"
                        (hash of the model's weights), "num_shards", ...}
     locks/00007.lock   a shard being written: {"host", "pid", "start", "time"}; gone when it is done
@@ -207,12 +208,19 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def _config_yaml(cfg: RunConfig, config_path: str | os.PathLike | None) -> bytes:
-    header = (f"# maskmill {__version__}: resolved config of this run (load_config accepts it)\n"
-              f"# fingerprint: {cfg.fingerprint()}  (covers every key but {', '.join(NOT_FINGERPRINTED)})\n"
-              f"# source: {config_path if config_path is not None else '(in memory)'}\n")
-    body = yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
-    return (header + body).encode()
+def _config_yaml(cfg: RunConfig) -> bytes:
+    """The resolved config (overrides applied, `output` absolute): what the flow's tasks read, so
+    that editing the source config file while a run is going on cannot change it."""
+    header = (f"# maskmill {__version__}: resolved config of this run (load_config accepts it; source in {RUN_INFO})\n"
+              f"# fingerprint: {cfg.fingerprint()}  (covers every key but {', '.join(NOT_FINGERPRINTED)})\n")
+    data = cfg.model_dump(mode="python")
+    data["output"] = str(run_root(cfg))
+    return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
+
+
+def resolved_config_path(cfg: RunConfig) -> Path:
+    """`config.yaml` of the run folder: the frozen, resolved config (written by prepare_run)."""
+    return run_root(cfg) / CONFIG_COPY
 
 
 def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, clean: bool = True) -> RunLayout:
@@ -237,7 +245,7 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
         names = list(cfg.classes)
         if not layout.classes_path.is_file() or layout.read_classes() != names:
             layout.write_classes(names)
-        _write_if_changed(root / CONFIG_COPY, _config_yaml(cfg, config_path))
+        _write_if_changed(root / CONFIG_COPY, _config_yaml(cfg))
         if read_run_info(root) is None:
             plan = RunPlan(cfg)
             info = {"fingerprint": cfg.fingerprint(), "identity": identity(cfg),

@@ -93,28 +93,36 @@ def test_flow_writes_shards_and_artifacts(prefect_api, tiny_model, tmp_path):
         generate_dataset(str(cfg_path), overrides=["images_per_class=3", "steps=3"])
 
 
-def test_failed_shard_is_retried_and_redone(prefect_api, tiny_model, tmp_path, monkeypatch):
-    """A produce task that fails mid-shard is retried; the retry redoes the shard from scratch."""
+def test_failed_shard_is_retried_and_redone_from_the_frozen_config(prefect_api, tiny_model, tmp_path, monkeypatch):
+    """A produce task that fails mid-shard is retried and the retry redoes the shard from scratch;
+    editing the source config meanwhile changes nothing (tasks read the run's frozen config.yaml)."""
     import maskmill.produce as produce
     from flows.generate_dataset import generate_dataset
     from maskmill.runner import read_writers_log
 
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "retried", images_per_class=1,
+                            shard_size=4, batch_size=2)
+    fingerprint = load_config(cfg_path).fingerprint()
     calls = {"n": 0}
     real_generate = produce.generate_with_attention
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
+        if calls["n"] == 1:  # someone edits the source config while the run goes on
+            write_config(cfg_path, tiny_model, tmp_path / "retried", images_per_class=1, shard_size=4, steps=3)
         if calls["n"] == 2:  # the shard's second batch: its first two records are already written
             raise RuntimeError("injected failure mid-shard")
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(produce, "generate_with_attention", flaky)
-    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "retried", images_per_class=1,
-                            shard_size=4, batch_size=2)
     summary = generate_dataset(str(cfg_path))
     assert summary["complete"] and summary["valid"] and summary["accepted"] == 4
+    assert summary["fingerprint"] == fingerprint
     assert [e["event"] for e in read_writers_log(tmp_path / "retried")] == ["claimed", "failed", "claimed", "written"]
     assert not RunLayout(tmp_path / "retried").temporaries()
+    # the edited source is another config now: a rerun with it is refused
+    with pytest.raises(RunConflictError, match="steps: 2 -> 3"):
+        generate_dataset(str(cfg_path))
 
 
 def test_gpu_limit_wraps_generation_only(prefect_api, tiny_model, tmp_path, monkeypatch):
