@@ -38,7 +38,7 @@ MERGED_DIR = ".merged"  # a leading dot: safe_class_dirname never produces it, s
 
 def class_spec(class_name: str, model: str, support: str, *, n_support: int = 32, k_parts: int = 32,
                stuff: bool = False, prompts: str | None = None, steps: int | None = None,
-               guidance: float | None = None, seed: int = 0, extractor: str = "seediff",
+               guidance: float | None = None, seed: int = 0, extractor: str | None = None,
                extractor_params: dict | None = None, timestep: int = 200, layers: list[str] | None = None,
                feature_size: int | None = None, fg_min_fraction: float = 0.5, bg_min_fraction: float = 0.5,
                bg_soft_threshold: float = 0.2, max_kmeans_points: int = 20000, min_confidence: float | None = None,
@@ -46,8 +46,9 @@ def class_spec(class_name: str, model: str, support: str, *, n_support: int = 32
                max_tries_factor: float | None = None) -> dict:
     """The JSON build spec of one class: everything that changes its bank, and nothing else.
 
-    None for prompts/steps/guidance and the mask filter (min_confidence, min_area, max_area,
-    max_tries_factor) means the model's defaults (`support_defaults`)."""
+    None for prompts/steps/guidance, the extractor (and its params) and the mask filter
+    (min_confidence, min_area, max_area, max_tries_factor) means the model's defaults
+    (`support_defaults`: configs/shapes.yaml for "shapes-sd", OVDiff's recipe otherwise)."""
     from maskmill.prototypes.support import support_defaults
 
     if support == "generate":
@@ -55,7 +56,9 @@ def class_spec(class_name: str, model: str, support: str, *, n_support: int = 32
         sup = {"kind": "generate", "prompts": prompts if prompts is not None else d["prompts"],
                "steps": int(steps if steps is not None else d["steps"]),
                "guidance": float(guidance if guidance is not None else d["guidance"]), "seed": int(seed),
-               "extractor": {"name": extractor, "params": dict(extractor_params or {})},
+               "extractor": {"name": extractor or d["extractor"],
+                             "params": dict(extractor_params if extractor_params is not None
+                                            else (d["extractor_params"] if extractor is None else {}))},
                "bg_soft_threshold": float(bg_soft_threshold)}
         given = {"min_confidence": min_confidence, "min_area": min_area, "max_area": max_area,
                  "max_tries_factor": max_tries_factor}
@@ -111,7 +114,7 @@ def check_inputs(classes: list[str], model: str, support: str, stuff_classes: li
 def build_prototypes(classes: list[str], cache_root: str, model: str = "shapes-sd", support: str = "generate",
                      n_support: int = 32, k_parts: int = 32, stuff_classes: list[str] | None = None,
                      out: str | None = None, prompts: str | None = None, steps: int | None = None,
-                     guidance: float | None = None, seed: int = 0, extractor: str = "seediff",
+                     guidance: float | None = None, seed: int = 0, extractor: str | None = None,
                      extractor_params: dict | None = None, timestep: int = 200, layers: list[str] | None = None,
                      feature_size: int | None = None, fg_min_fraction: float = 0.5, bg_min_fraction: float = 0.5,
                      bg_soft_threshold: float = 0.2, min_confidence: float | None = None,

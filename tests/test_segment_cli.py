@@ -28,7 +28,6 @@ def setup(tmp_path_factory):
     banks = []
     for name in ("circle", "square"):
         scenes = [sample_scene(rng, n_objects=1) for _ in range(3)]
-        scenes = [s for s in scenes]
         rendered = [render(s) for s in scenes]
         images = np.stack([im for im, _ in rendered])
         fg = np.stack([lab > 0 for _, lab in rendered])
@@ -104,3 +103,15 @@ def test_unknown_class_named(setup, capsys):
     assert code == 2
     assert "'hexagon'" in err and "'pentagon'" in err and "circle, square" in err
     assert not out.exists()
+
+
+def test_same_weights_from_another_folder_accepted(setup, tmp_path):
+    """The fingerprint is about configs and weights, not where the model was loaded from."""
+    import shutil
+
+    copy = tmp_path / "copied-model"
+    shutil.copytree(setup["model"], copy)
+    argv = ["segment", str(setup["images"][0]), "--bank", str(setup["bank"]), "--classes", "square",
+            "--model", str(copy), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert (tmp_path / "out" / f"{setup['images'][0].stem}.labels.png").exists()

@@ -68,6 +68,16 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Config entries that say where a model was loaded from, not what it is: the same weights loaded as
+# "shapes-sd" or from a copied folder must give the same fingerprint.
+_LOCATION_KEYS = ("_name_or_path", "_use_default_values")
+
+
+def model_config(config) -> dict:
+    """A diffusers config as a dict without its location entries (see `_LOCATION_KEYS`)."""
+    return {k: v for k, v in dict(config).items() if k not in _LOCATION_KEYS}
+
+
 def weights_digest(*modules: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
     """Cheap digest of model weights: names, shapes, dtypes and a strided sample of each tensor.
 
@@ -201,8 +211,8 @@ class SDQueryFeatures(FeatureExtractor):
                 "name": self.name,
                 "model": {
                     "id": str(self.model_id),
-                    "unet_config": config_hash(dict(p.unet.config)),
-                    "vae_config": config_hash(dict(p.vae.config)),
+                    "unet_config": config_hash(model_config(p.unet.config)),
+                    "vae_config": config_hash(model_config(p.vae.config)),
                     "weights": weights_digest(p.unet, p.vae, p.text_encoder),
                 },
                 "layers": list(self.layers),
@@ -210,7 +220,7 @@ class SDQueryFeatures(FeatureExtractor):
                 "size": list(self.size) if self.size else None,
                 "noise_seed": self.noise_seed,
                 "scheduler": {"class": type(self.scheduler).__name__,
-                              "config": config_hash(dict(self.scheduler.config))},
+                              "config": config_hash(model_config(self.scheduler.config))},
             }
         return self._fingerprint
 

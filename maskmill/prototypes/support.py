@@ -90,20 +90,35 @@ class SupportSet:
 # generated support sets
 
 
-def support_defaults(model: str | None) -> dict:
-    """Prompts / steps / guidance for a support set on `model`.
+SHAPES_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes.yaml"
 
-    OVDiff's recipe ("a good picture of a {class}", 30 steps, guidance 8) everywhere except the
-    embedded micro model, which only knows its own captions ("a red circle") and was trained for
-    25 DDIM steps at guidance 4: there the "shapes" prompt set, whose seed phrase is the whole
-    noun phrase (the micro model localises through the colour word, ANCHORS §4), and the mask
-    filter of configs/shapes.yaml (objects there cover a few % of the image, never 90 %).
+
+def support_defaults(model: str | None) -> dict:
+    """Prompts, sampler, mask extractor and mask filter for a support set on `model`.
+
+    OVDiff's recipe ("a good picture of a {class}", 30 steps, guidance 8, SeeDiff with its
+    defaults, no filter) everywhere except the embedded micro model, which only knows its own
+    captions ("a red circle"): there everything comes from the shapes-world run config
+    (configs/shapes.yaml: prompt set, steps, guidance, the extractor parameters tuned for the
+    micro model, the confidence/area filter), so a generated support set is made exactly like
+    the samples of a dataset run and `support_from_run` is a drop-in replacement.
     """
-    if model == "shapes-sd":  # sampler and mask filter of configs/shapes.yaml
-        return {"prompts": "shapes", "steps": 25, "guidance": 4.0, "min_confidence": 0.2, "min_area": 0.01,
-                "max_area": 0.9, "max_tries_factor": 2.0}
-    return {"prompts": OVDIFF_TEMPLATE, "steps": OVDIFF_STEPS, "guidance": OVDIFF_GUIDANCE, "min_confidence": 0.0,
-            "min_area": 0.0, "max_area": 1.0, "max_tries_factor": 1.0}
+    if model == "shapes-sd":
+        d = {"prompts": "shapes", "steps": 25, "guidance": 4.0, "extractor": "seediff", "extractor_params": {},
+             "min_confidence": 0.2, "min_area": 0.01, "max_area": 0.9, "max_tries_factor": 2.0}
+        if SHAPES_CONFIG.exists():
+            from ..config import load_config
+
+            cfg = load_config(SHAPES_CONFIG, check_files=False)
+            d.update(prompts=cfg.prompts, steps=int(cfg.steps), guidance=float(cfg.guidance),
+                     extractor=cfg.extractor.name, extractor_params=dict(cfg.extractor.params),
+                     min_confidence=float(cfg.filter.min_confidence), min_area=float(cfg.filter.min_area),
+                     max_area=float(cfg.filter.max_area),
+                     max_tries_factor=float(getattr(cfg.filter, "max_retries_factor", 2.0)))
+        return d
+    return {"prompts": OVDIFF_TEMPLATE, "steps": OVDIFF_STEPS, "guidance": OVDIFF_GUIDANCE, "extractor": "seediff",
+            "extractor_params": {}, "min_confidence": 0.0, "min_area": 0.0, "max_area": 1.0,
+            "max_tries_factor": 1.0}
 
 
 def _prompt_source(prompts):

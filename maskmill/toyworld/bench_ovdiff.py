@@ -41,15 +41,29 @@ class BenchSettings:
     n_test: int = 64
     k_parts: int = 32
     seed: int = 0
-    steps: int = 25  # what the micro model was trained/evaluated with
-    guidance: float = 4.0
-    extractor: str = "seediff"
+    # Sampler, extractor (+ parameters) and mask filter: None = the shapes-world run's own
+    # (configs/shapes.yaml via `support_defaults("shapes-sd")`), so support images are made like
+    # a dataset run's samples.
+    steps: int | None = None
+    guidance: float | None = None
+    extractor: str | None = None
+    extractor_params: dict | None = None
     bg_soft_threshold: float = 0.2
-    # support mask filter: that of configs/shapes.yaml (a dataset run keeps the same samples)
-    min_confidence: float = 0.2
-    min_area: float = 0.01
-    max_area: float = 0.9
-    max_tries_factor: float = 2.0
+    min_confidence: float | None = None
+    min_area: float | None = None
+    max_area: float | None = None
+    max_tries_factor: float | None = None
+
+    def resolved(self) -> "BenchSettings":
+        from ..prototypes.support import support_defaults
+
+        d = support_defaults("shapes-sd")
+        out = BenchSettings(**vars(self))
+        for k in ("steps", "guidance", "extractor", "extractor_params", "min_confidence", "min_area", "max_area",
+                  "max_tries_factor"):
+            if getattr(out, k) is None:
+                setattr(out, k, d[k])
+        return out
     timestep: int = 200
     layers: list[str] | None = None  # None: every decoder cross-attention (OVDiff)
     feature_size: int | None = None  # None: the image's own size (32 px -> 16x16 features on the micro SD)
@@ -255,12 +269,15 @@ def evaluate_bank(extractor: FeatureExtractor, bank: PrototypeBank, images: np.n
 
 def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd", log=print) -> dict:
     """Everything `bench-ovdiff` prints, as a dict."""
-    s = settings or BenchSettings()
+    s = (settings or BenchSettings()).resolved()
     features = SDQueryFeatures(pipe, layers=s.layers, timestep=s.timestep, size=s.feature_size, model_id=model_id)
     fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **vars(s)})
     supports, banks, per_class = [], [], {}
     for c in SHAPES:
-        common = dict(prompts="shapes", seed=s.seed, steps=s.steps, guidance=s.guidance, extractor=s.extractor,
+        from ..extractors import get_extractor
+
+        common = dict(prompts="shapes", seed=s.seed, steps=s.steps, guidance=s.guidance,
+                      extractor=get_extractor(s.extractor, **(s.extractor_params or {})),
                       bg_soft_threshold=s.bg_soft_threshold)
         filter_relaxed = False
         try:
@@ -346,7 +363,7 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
 def format_report(r: dict) -> str:
     s = r["settings"]
     lines = [f"OVDiff on the shapes world: banks from {s['n_support']} generated support images per class "
-             f"(\"a {{colour}} {{class}}\", {s['extractor']} masks, K = {s['k_parts']} parts, t = {s['timestep']}), "
+             f"(\"a {{colour}} {{class}}\", {s['extractor']} {s['extractor_params']} masks, K = {s['k_parts']} parts, t = {s['timestep']}), "
              f"{r['bank_prototypes']} prototypes; {s['n_test']} rendered test scenes (exact truth); "
              f"features {r['feature_grid'][0]}x{r['feature_grid'][1]} for {r['image_size']} px images",
              "| variant | mIoU | " + " | ".join(r["classes"]) + " | pixel acc |",
