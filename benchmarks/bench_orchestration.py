@@ -26,7 +26,9 @@ Run from the repository root:
    2-core CPU machine the server's CPU competes with generation, on a GPU host it would not.
 2. Memory. Peak RSS of fresh subprocesses that run the flow (`--memory-mode direct`: the
    runner) on 256 and on 2,048 samples of a fast config (1 step, batch 32, shards of 128,
-   permissive filter), printed with the growth over the RSS just before the run and as a ratio.
+   permissive filter), printed with the growth over the RSS just before the run and as a ratio,
+   with the RSS sampled every 0.25 s (max of each half of the run, and at its end) in case the
+   peak is set early, by pipeline loading.
    Records stream through the writer and the flow holds one small dict per shard, so the ratio
    should stay near 1.
 
@@ -125,16 +127,33 @@ def memory_child(mode: str, samples: int, model: str, extra: list[str], out: Pat
     cfg = load_config(cfg_path, overrides)
     if mode == "flow":
         from flows.generate_dataset import generate_dataset
+    import threading
+
     before = rss_mb()
+    trace: list[tuple[float, float]] = []  # (seconds since start, RSS MB), every 0.25 s
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            trace.append((time.perf_counter() - t, rss_mb()))
+
     t = time.perf_counter()
+    threading.Thread(target=sample, daemon=True).start()
     if mode == "flow":
         summary = generate_dataset(str(cfg_path), overrides)
     else:
         from maskmill.runner import run_direct
 
         summary = run_direct(cfg, cfg_path, progress=False)
+    seconds = time.perf_counter() - t
+    done.set()
+    # ru_maxrss may be set early (pipeline loading); the second half shows whether RSS still grows
+    first = [r for s, r in trace if s < seconds / 2] or [before]
+    second = [r for s, r in trace if s >= seconds / 2] or [rss_mb()]
     print("RESULT " + json.dumps({"samples": samples, "accepted": summary["accepted"], "rss_before_mb": before,
-                                  "peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - t}), flush=True)
+                                  "peak_rss_mb": peak_rss_mb(), "max_rss_first_half_mb": max(first),
+                                  "max_rss_second_half_mb": max(second), "rss_end_mb": rss_mb(),
+                                  "seconds": seconds}), flush=True)
 
 
 def run_memory(args, model: str, extra: list[str], tmp: Path) -> list[dict]:
@@ -150,8 +169,10 @@ def run_memory(args, model: str, extra: list[str], tmp: Path) -> list[dict]:
             sys.exit(f"memory child for {n} samples failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
         results.append(json.loads(line[-1][7:]))
         r = results[-1]
-        print(f"  {n:5d} samples: peak RSS {r['peak_rss_mb']:7.1f} MB, growth during the run "
-              f"{r['peak_rss_mb'] - r['rss_before_mb']:6.1f} MB, {r['seconds']:6.1f} s", flush=True)
+        print(f"  {n:5d} samples: peak RSS {r['peak_rss_mb']:7.1f} MB (growth during the run "
+              f"{r['peak_rss_mb'] - r['rss_before_mb']:6.1f} MB); RSS max in the run's first half "
+              f"{r['max_rss_first_half_mb']:7.1f} MB, second half {r['max_rss_second_half_mb']:7.1f} MB, "
+              f"at the end {r['rss_end_mb']:7.1f} MB; {r['seconds']:6.1f} s", flush=True)
     return results
 
 
@@ -282,7 +303,8 @@ def main() -> None:
             a, b = m[0], m[-1]
             growth_a, growth_b = a["peak_rss_mb"] - a["rss_before_mb"], b["peak_rss_mb"] - b["rss_before_mb"]
             print(f"  peak RSS ratio {b['samples']} / {a['samples']} samples: {b['peak_rss_mb'] / a['peak_rss_mb']:.3f} "
-                  f"(growth during the run: {growth_a:.1f} MB -> {growth_b:.1f} MB)", flush=True)
+                  f"(growth during the run: {growth_a:.1f} MB -> {growth_b:.1f} MB; RSS at the end "
+                  f"{b['rss_end_mb'] / a['rss_end_mb']:.3f}x)", flush=True)
     print("\n" + json.dumps(report, indent=1, default=str))
 
 

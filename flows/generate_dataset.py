@@ -4,9 +4,11 @@
     summary = generate_dataset("configs/shapes.yaml", overrides=["steps=10"])
     print(summary["shards_dir"], summary["contact_sheet"])
 
-One task run per shard (never per image); each worker process loads the pipeline once. A
-rerun continues an interrupted run (complete shards are kept, partial ones redone); a rerun
-with another config into the same `output` is refused before any work. `shard_ids` restricts
+One task run per shard (never per image); each worker process loads the pipeline once. The
+shard tasks read the run folder's frozen config.yaml (written by the plan task), so an edit of
+the source config during the run changes nothing. A rerun continues an interrupted run
+(complete shards are kept, partial ones redone); a rerun with another config (or other model
+weights) into the same `output` is refused before any work. `shard_ids` restricts
 the run to some shards (accelerate ranks, several workers splitting one run): validation and
 the contact sheet then wait for the run to be complete.
 
