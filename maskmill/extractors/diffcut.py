@@ -26,8 +26,8 @@ import scipy.linalg
 import scipy.sparse.linalg
 import torch
 
-from .base import ClassSpec, Extractor, MaskResult, SampleAttention, register
-from .segments import assign_segments, class_attention_maps, upsample
+from .base import SampleAttention, register
+from .segments import SegmentingExtractor, upsample
 
 # Up to this many pixels the dense LAPACK solver is used (its cost grows as n^3: seconds at 1024);
 # above it, Lanczos (eigsh) finds the two eigenvectors without a full decomposition.
@@ -160,7 +160,7 @@ def upsample_segments(segments: np.ndarray, features: np.ndarray | torch.Tensor,
 # --- the extractor ----------------------------------------------------------------------------
 
 @register
-class DiffCutExtractor(Extractor):
+class DiffCutExtractor(SegmentingExtractor):
     """DiffCut segments (recursive Ncut on UNet features) named by the prompt's cross-attention.
 
     feature_name: key of `SampleAttention.features` holding (C, h, w) features (the
@@ -210,13 +210,6 @@ class DiffCutExtractor(Extractor):
         low_res = low_res.reshape(features.shape[1:])
         full = upsample_segments(low_res, features, size)
         return np.unique(full, return_inverse=True)[1].reshape(full.shape)  # a cell-sized segment may vanish
-
-    def extract(self, attn: SampleAttention, classes: list[ClassSpec], image: np.ndarray) -> MaskResult:
-        size = tuple(image.shape[:2])
-        segments = self.segment(attn, size)
-        resolutions = None if self.cross_resolutions is None else tuple(self.cross_resolutions)
-        class_maps = class_attention_maps(attn, classes, size, resolutions)
-        return assign_segments(segments, class_maps, self.fg_threshold, self.bg_threshold, self.margin)
 
 
 def encoder_last_attention_path(unet) -> str:

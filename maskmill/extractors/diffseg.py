@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import ClassSpec, Extractor, MaskResult, SampleAttention, register
-from .segments import assign_segments, class_attention_maps, upsample
+from .base import SampleAttention, register
+from .segments import SegmentingExtractor, upsample
 
 # Rows of anchors per KL block. The KL of a block is computed with matrix products, so
 # its working set is chunk x N KL values (N = R^2 = 4096 at R = 64: 4 MB per block) on
@@ -202,7 +202,7 @@ def nms_segments(proposals: torch.Tensor, size: tuple[int, int], peak_normalize:
 # --- the extractor ----------------------------------------------------------------------------
 
 @register
-class DiffSegExtractor(Extractor):
+class DiffSegExtractor(SegmentingExtractor):
     """DiffSeg segments (self-attention merging) named by the prompt's cross-attention.
 
     resolution: common side R (None: largest captured). anchor_grid: anchors per side
@@ -248,10 +248,3 @@ class DiffSegExtractor(Extractor):
         proposals = merge_attention_maps(attention, self.anchor_grid, self.kl_threshold,
                                          self.iterations, self.chunk_size)
         return nms_segments(proposals, size, self.nms_peak_normalize)
-
-    def extract(self, attn: SampleAttention, classes: list[ClassSpec], image: np.ndarray) -> MaskResult:
-        size = tuple(image.shape[:2])
-        segments = self.segment(attn, size)
-        resolutions = None if self.cross_resolutions is None else tuple(self.cross_resolutions)
-        class_maps = class_attention_maps(attn, classes, size, resolutions)
-        return assign_segments(segments, class_maps, self.fg_threshold, self.bg_threshold, self.margin)

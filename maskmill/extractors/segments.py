@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE, ClassSpec, MaskResult, SampleAttention
+from .base import IGNORE, ClassSpec, Extractor, MaskResult, SampleAttention
 
 
 def _min_max(x: torch.Tensor) -> torch.Tensor:
@@ -129,3 +129,20 @@ def assign_segments(
         dtype=np.float32,
     )
     return MaskResult(labels=labels, soft=soft, confidence=confidence)
+
+
+class SegmentingExtractor(Extractor):
+    """An extractor that finds class-agnostic segments (`segment`), then names them from cross-attention.
+
+    Subclasses set fg_threshold, bg_threshold, margin and cross_resolutions and implement `segment`.
+    """
+
+    def segment(self, attn: SampleAttention, size: tuple[int, int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def extract(self, attn: SampleAttention, classes: list[ClassSpec], image: np.ndarray) -> MaskResult:
+        size = tuple(image.shape[:2])
+        segments = self.segment(attn, size)
+        resolutions = None if self.cross_resolutions is None else tuple(self.cross_resolutions)
+        class_maps = class_attention_maps(attn, classes, size, resolutions)
+        return assign_segments(segments, class_maps, self.fg_threshold, self.bg_threshold, self.margin)
