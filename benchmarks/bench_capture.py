@@ -8,7 +8,8 @@ Run from the repository root:
 1. Micro model: `load_pipeline("shapes-sd")` when maskmill/assets/shapes-sd/model_index.json
    exists, else the random micro SD of `maskmill.toyworld.build` (the output says which).
    32 px, 25 DDIM steps, guidance 4, batch 8; plain `generate_plain` against
-   `generate_with_attention` + SeeDiff on every sample, same prompts and seeds, in one process,
+   `generate_with_attention` + SeeDiff on every sample (SeeDiff as configs/shapes.yaml sets it,
+   capturing only what it reads), same prompts and seeds, in one process,
    order alternating, medians of `--repeats`. Target: ratio <= 1.10.
 2. Memory flat in steps: peak RSS growth while a fresh process generates 10 and 50 steps with
    capture (and plain, for reference), plus the store's exact accumulator bytes. Target: equal.
@@ -120,8 +121,6 @@ class Clock:
 
 def micro_pipeline():
     """(pipe, description): the trained shapes model if present, else the random micro SD."""
-    import torch
-
     if MICRO_ASSET.exists():
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -132,17 +131,9 @@ def micro_pipeline():
         transformers_logging.disable_progress_bar()
 
         return load_pipeline("shapes-sd", device="cpu"), "shapes-sd (trained, maskmill/assets/shapes-sd)"
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from maskmill.toyworld.build import build_pipeline
 
-    from maskmill.toyworld.build import build_models, clip_tokenizer
-
-    torch.manual_seed(0)
-    vae, text_encoder, unet = build_models()
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = build_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
     return pipe, "random micro SD (shapes-sd not trained yet: no maskmill/assets/shapes-sd/model_index.json)"
 
@@ -156,28 +147,32 @@ def micro_classes(tokenizer, prompt: str):
     return [ClassSpec(p, phrase_token_indices(tokenizer, prompt, p)) for p in phrases]
 
 
-def micro_capture_config():
-    from maskmill.capture import CaptureConfig
+def micro_extractor(pipe):
+    """(extractor, capture config): SeeDiff as the shapes-world run configures it (configs/shapes.yaml),
+    capturing only what it reads."""
+    from maskmill.extractors import get_extractor
+    from maskmill.generate import latent_hw
+    from maskmill.toyworld.bench_masks import shapes_config_params
 
-    # SeeDiff on 16x16 latents seeds at side 16 and has nothing finer to refine at: 8x8 is never read.
-    return CaptureConfig(self_blocks={16: ALL})
+    name, params = next(iter(shapes_config_params().items()), ("seediff", {}))
+    extractor = get_extractor(name, **params)
+    return extractor, extractor.capture_config(pipe.unet, latent_hw(pipe, 32, 32))
 
 
 def bench_micro(repeats: int, steps: int, batch: int) -> dict:
-    from maskmill.extractors.seediff import SeeDiffExtractor
     from maskmill.generate import GenerationSettings, generate_plain, generate_with_attention
 
     pipe, what = micro_pipeline()
     prompts = (MICRO_PROMPTS * (batch // len(MICRO_PROMPTS) + 1))[:batch]
     seeds = list(range(batch))
     classes = [micro_classes(pipe.tokenizer, p) for p in prompts]
-    extractor = SeeDiffExtractor()
+    extractor, capture_config = micro_extractor(pipe)
 
     def plain(s):
         generate_plain(pipe, prompts, seeds, s)
 
     def capture(s):
-        images, maps = generate_with_attention(pipe, prompts, seeds, s, micro_capture_config())
+        images, maps = generate_with_attention(pipe, prompts, seeds, s, capture_config)
         for m, c, im in zip(maps, classes, images):
             extractor.extract(m, c, im)
 
@@ -193,7 +188,8 @@ def bench_micro(repeats: int, steps: int, batch: int) -> dict:
                 (plain if name == "plain" else capture)(settings)
             times[name].append((c.cpu, c.wall))
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
-    return {"model": what, "steps": steps, "batch": batch, "times": times, "median": med,
+    return {"model": what, "extractor": {extractor.name: extractor.params()}, "steps": steps, "batch": batch,
+            "times": times, "median": med,
             "ratio_cpu": med["capture"][0] / med["plain"][0], "ratio_wall": med["capture"][1] / med["plain"][1]}
 
 
@@ -214,7 +210,7 @@ def worker_micro_memory(mode: str, steps: int, batch: int) -> dict:
         if mode == "plain":
             generate_plain(pipe, prompts, seeds, settings)
             return
-        with capture_attention(pipe.unet, micro_capture_config(), batch_size=batch, cfg=True,
+        with capture_attention(pipe.unet, micro_extractor(pipe)[1], batch_size=batch, cfg=True,
                                latent_hw=latent_hw(pipe, 32, 32), num_steps=steps) as store:
             generate_plain(pipe, prompts, seeds, settings)
         tensors = [*store.cross.values(), *store.self_attn.values(), *store.features.values()]
@@ -373,7 +369,7 @@ def main() -> None:
     report["micro"] = m
     (pc, pw), (cc, cw) = m["median"]["plain"], m["median"]["capture"]
     print(f"\n[1] micro model: {m['model']}\n    32 px, 25 steps, guidance 4, batch 8, medians of {repeats} "
-          f"alternating repeats")
+          f"alternating repeats; extractor as configs/shapes.yaml sets it: {m['extractor']}")
     print(f"    plain {pc:.2f} s ({pw:.2f}); generate + capture + SeeDiff on 8 samples {cc:.2f} s ({cw:.2f})")
     print(f"    ratio {m['ratio_cpu']:.3f} (wall {m['ratio_wall']:.3f})   target <= 1.10: "
           f"{mark(m['ratio_cpu'] <= 1.10)}", flush=True)

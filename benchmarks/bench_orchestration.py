@@ -66,18 +66,9 @@ PERMISSIVE = ["filter.min_confidence=0", "filter.min_area=0", "filter.max_area=1
 
 
 def save_tiny_pipeline(path: Path) -> Path:
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from maskmill.toyworld.build import build_pipeline
 
-    from maskmill.toyworld.build import build_models, clip_tokenizer
-
-    torch.manual_seed(0)
-    vae, text_encoder, unet = build_models()
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
+    build_pipeline(0).save_pretrained(path)
     return path
 
 

@@ -15,9 +15,11 @@ heads and summed into fixed-size accumulators (memory flat in the number of step
 """
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -189,13 +191,28 @@ class CaptureProcessor:
         self.is_cross = is_cross
         self.block = layer_block(name)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+    @classmethod
+    def wrapping(cls, inner, name: str, store: AttentionStore, is_cross: bool) -> "CaptureProcessor":
+        """A CaptureProcessor whose `__call__` shows `inner`'s signature.
+
+        diffusers' Attention passes on only the `cross_attention_kwargs` that the processor's signature
+        names (and drops the rest), so a bare `**kwargs` would silently drop e.g. IP-Adapter masks.
+        """
+        return _capture_class(type(inner))(inner, name, store, is_cross)
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        out = self.inner(attn, hidden_states, *args, **kwargs)
         if self.store.recording:
+            bound = self._bind(attn, hidden_states, *args, **kwargs)
             with torch.no_grad():
-                self._record(attn, hidden_states, encoder_hidden_states)
+                self._record(attn, hidden_states, bound.get("encoder_hidden_states"))
         return out
+
+    def _bind(self, attn, hidden_states, *args, **kwargs) -> dict:
+        if not args:
+            return kwargs
+        names = list(inspect.signature(self.inner.__call__).parameters)[2:]  # after (attn, hidden_states)
+        return {**dict(zip(names, args)), **kwargs}
 
     def _record(self, attn, hidden_states, encoder_hidden_states) -> None:
         store = self.store
@@ -232,6 +249,16 @@ class CaptureProcessor:
             store.self_count[hw[0]] += 1
 
 
+@lru_cache(maxsize=None)
+def _capture_class(inner_cls: type) -> type:
+    """CaptureProcessor subclass whose `__call__` carries `inner_cls.__call__`'s signature."""
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return CaptureProcessor.__call__(self, attn, hidden_states, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(inner_cls.__call__)
+    return type(f"Capture{inner_cls.__name__}", (CaptureProcessor,), {"__call__": __call__})
+
+
 def _module(root: torch.nn.Module, path: str) -> torch.nn.Module:
     mod = root
     for part in path.split("."):
@@ -249,8 +276,8 @@ def capture_attention(unet, config: CaptureConfig, batch_size: int, cfg: bool, l
     for key, proc in originals.items():
         name = key.removesuffix(".processor")
         kind = name.rsplit(".", 1)[-1]
-        wrapped[key] = CaptureProcessor(proc, name, store, is_cross=(kind == "attn2")) if kind in ("attn1", "attn2") \
-            else proc
+        wrapped[key] = proc if kind not in ("attn1", "attn2") else \
+            CaptureProcessor.wrapping(proc, name, store, is_cross=(kind == "attn2"))
     hooks = [unet.register_forward_pre_hook(lambda *_: store.next_step())]
     for fname, path in config.feature_modules.items():
         def keep(_m, _inp, output, fname=fname):

@@ -7,7 +7,7 @@
     maskmill segment IMG... --bank BANK --classes circle,star [--out DIR]
     maskmill toyworld train --out maskmill/assets/shapes-sd
     maskmill toyworld eval [--n 64]
-    maskmill toyworld bench-masks [--n 64]
+    maskmill toyworld bench-masks [--n 64] [--variants benchmarks/mask_sweeps.yaml]
     maskmill toyworld bench-ovdiff [--n-support 32] [--n-test 64] [--k-parts 32]
 """
 from __future__ import annotations
@@ -101,10 +101,13 @@ def _cmd_toyworld(a) -> int:
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=1))
         return 0 if all(report[k] >= t for k, t in TARGETS.items()) else 1
-    from .toyworld.bench_masks import format_table, run
+    from .toyworld.bench_masks import format_table, load_variants, run, run_variants
 
-    methods = a.methods.split(",") if a.methods else None
-    results = run(pipe, a.n, methods)
+    if a.variants:
+        variants = load_variants(a.variants)  # refused before any generation if malformed
+        results = run_variants(pipe, a.n, variants)
+    else:
+        results = run(pipe, a.n, a.methods.split(",") if a.methods else None)
     print(format_table(results, a.n))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
@@ -158,12 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         te.add_argument("--json", type=Path)
         if name == "bench-masks":
             te.add_argument("--methods", help="comma-separated extractor names")
+            te.add_argument("--variants", type=Path,
+                            help="YAML {label: {extractor: NAME, params: {...}}}: score these instead of --methods")
     to = tsub.add_parser("bench-ovdiff", help="OVDiff banks from generated support, mIoU on rendered scenes")
     to.add_argument("--model", default="shapes-sd")
     to.add_argument("--n-support", type=int, default=32)
     to.add_argument("--n-test", type=int, default=64)
     to.add_argument("--k-parts", type=int, default=32)
     to.add_argument("--timestep", type=int, default=200)
+    to.add_argument("--layers", help="comma-separated attn2 module names for the features (default: the decoder's)")
     to.add_argument("--feature-size", type=int, help="resize images to this side before the UNet (default: as is)")
     to.add_argument("--refine", action="store_true", help="also report full + PAMR refinement")
     to.add_argument("--no-diagnostics", action="store_true", help="skip the oracle-support diagnostic rows")

@@ -106,19 +106,35 @@ def load_pipeline(model: str = DEFAULT_MODEL, scheduler: str | None = None, devi
     return pipe.to(device)
 
 
+def _sampled_bytes(path: Path, window: int = 1 << 20) -> bytes:
+    """Three 1 MiB windows (start, middle, end) of a weights file.
+
+    Retraining changes every tensor but not the file size or header, so sizes alone would call a
+    retrained model unchanged; reading 3 MiB stays cheap for multi-GB checkpoints.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        parts = []
+        for start in sorted({0, max(0, size // 2 - window // 2), max(0, size - window)}):
+            f.seek(start)
+            parts.append(f.read(window))
+    return b"".join(parts)
+
+
 def model_fingerprint(model: str) -> dict:
-    """What identifies a model's weights without hashing gigabytes: its resolved location and configs."""
+    """What identifies a model's weights without hashing gigabytes: configs, file sizes, sampled bytes."""
     import hashlib
 
     src = resolve_model(model)
+    if not isinstance(src, Path):  # a hub id: the snapshot its main ref points to in the local cache
+        from huggingface_hub import snapshot_download
+
+        src = Path(snapshot_download(src, local_files_only=True, cache_dir=hf_cache_dir()))
     h = hashlib.sha256()
-    if isinstance(src, Path):
-        for f in sorted(src.rglob("*.json")):
-            h.update(f.relative_to(src).as_posix().encode())
-            h.update(f.read_bytes())
-        for f in sorted(src.rglob("*.safetensors")):
-            st = f.stat()
-            h.update(f"{f.relative_to(src).as_posix()}:{st.st_size}".encode())
-    else:
-        h.update(src.encode())
+    for f in sorted(src.rglob("*.json")):
+        h.update(f.relative_to(src).as_posix().encode())
+        h.update(f.read_bytes())
+    for f in sorted(src.rglob("*.safetensors")):
+        h.update(f"{f.relative_to(src).as_posix()}:{f.stat().st_size}".encode())
+        h.update(_sampled_bytes(f))
     return {"model": str(model), "config_hash": h.hexdigest()[:16]}

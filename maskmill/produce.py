@@ -33,22 +33,29 @@ def capture_config_for(extractor: Extractor, pipe, cfg: RunConfig) -> CaptureCon
     return CaptureConfig()
 
 
+def mask_fractions(result: MaskResult, n_classes: int) -> list[float]:
+    """Fraction of the image each class's mask covers (label k + 1 for the k-th class)."""
+    area = result.labels.size
+    return [round(float((result.labels == k + 1).sum()) / area, 6) for k in range(n_classes)]
+
+
 def rejection_reason(image: np.ndarray, result: MaskResult, names: list[str], rules: FilterConfig) -> str:
-    """'' when the sample is usable, else why not (the first rule that fails)."""
+    """'' when the sample is usable, else why not: the first rule that fails and its class.
+
+    Reasons carry no numbers, so the shard stats count them as a histogram; the numbers are in
+    the sample's metadata (`confidence`, `mask_fraction`).
+    """
     if not np.isfinite(image.astype(np.float32)).all():
         return "nan image"
     if image.std() < 2.0:
         return "blank image"
-    area = image.shape[0] * image.shape[1]
-    for k, name in enumerate(names):
-        conf = float(result.confidence[k])
+    for name, conf, frac in zip(names, result.confidence, mask_fractions(result, len(names))):
         if not np.isfinite(conf) or conf < rules.min_confidence:
-            return f"low confidence: {name} {conf:.3f} < {rules.min_confidence}"
-        frac = float((result.labels == k + 1).sum()) / area
+            return f"low confidence: {name}"
         if frac < rules.min_area:
-            return f"small mask: {name} {frac:.4f} < {rules.min_area}"
+            return f"small mask: {name}"
         if frac > rules.max_area:
-            return f"mask covers the image: {name} {frac:.3f} > {rules.max_area}"
+            return f"mask covers the image: {name}"
     return ""
 
 
@@ -87,7 +94,8 @@ def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor:
             meta = build_meta(prompt=sample.prompt.text, seed=sample.seed, classes=names,
                               class_ids=[ids[n] for n in names], model=cfg.model, extractor=extractor.name,
                               extractor_params=extractor.params(), confidence=result.confidence.tolist(),
-                              scores={"index": sample.index}, width=cfg.width, height=cfg.height)
+                              mask_fraction=mask_fractions(result, len(names)), scores={"index": sample.index},
+                              width=cfg.width, height=cfg.height)
             if reason:
                 yield SampleRecord(index=sample.index, key=sample.key, status=REJECTED, reason=reason, meta=meta)
             else:

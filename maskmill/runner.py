@@ -497,11 +497,14 @@ def shard_row(stats: ShardStats) -> dict[str, Any]:
 @dataclass
 class WorkerPipeline:
     pipe: Any
-    lock: threading.Lock  # one generation at a time: capture patches the shared UNet
+    # one user at a time: capture processors and feature hooks patch the shared UNet; re-entrant so a
+    # bank build can hold it while its support generation takes it again
+    lock: threading.RLock
 
 
-_PIPELINES: dict[tuple[str, str, str], WorkerPipeline] = {}
+_PIPELINES: dict[tuple[str, str | None, str], WorkerPipeline] = {}
 _PIPELINES_LOCK = threading.Lock()
+PIPELINE_LOADS = {"count": 0}  # pipelines this process loaded (tests check that a reuse loads none)
 
 
 def worker_device() -> str:
@@ -515,14 +518,18 @@ def worker_device() -> str:
     return "cpu"
 
 
-def cached_pipeline(model: str, scheduler: str, device: str | None = None) -> WorkerPipeline:
-    """The pipeline for (model, scheduler, device), loaded at most once per process."""
+def cached_pipeline(model: str, scheduler: str | None = None, device: str | None = None) -> WorkerPipeline:
+    """The pipeline for (model, scheduler, device), loaded at most once per process.
+
+    `scheduler=None` keeps the model's own. Shared by the dataset and the prototype tasks.
+    """
     from .models import load_pipeline
 
     key = (model, scheduler, device or worker_device())
     with _PIPELINES_LOCK:
         if key not in _PIPELINES:
-            _PIPELINES[key] = WorkerPipeline(load_pipeline(model, scheduler, key[2]), threading.Lock())
+            _PIPELINES[key] = WorkerPipeline(load_pipeline(model, scheduler, key[2]), threading.RLock())
+            PIPELINE_LOADS["count"] += 1
         return _PIPELINES[key]
 
 

@@ -9,7 +9,7 @@ Caching is on paths, ids and fingerprints, never on a pipeline object (ANCHORS Â
    the bank entry that key produced.
 2. If that index exists and its bank loads (sha256 and fingerprint checked), the class is
    reused: no pipeline load, no generation, no features.
-3. Otherwise the pipeline is loaded (once per process, module-level cache keyed by model), the
+3. Otherwise the pipeline is loaded (once per process: `maskmill.runner.cached_pipeline`), the
    full fingerprint is computed (`SDQueryFeatures.fingerprint()`: configs + a weights digest,
    `make_fingerprint` adds the settings and the code version) and `BankCache.get_or_build`
    reuses a bank with that fingerprint or builds it; then the index is written.
@@ -37,37 +37,16 @@ from maskmill.prototypes.bank import (
     maskmill_version,
 )
 from maskmill.prototypes.cache import BankCache, safe_class_dirname
+from maskmill.runner import cached_pipeline, clear_pipeline_cache
 
 log = logging.getLogger(__name__)
 
 KEYS_DIR = "keys"
 
 # ----------------------------------------------------------------------------------------------
-# one pipeline per model per process
+# one feature extractor per (model, settings) per process, on the process's shared pipeline
 
-_PIPELINES: dict[str, object] = {}
 _FEATURES: dict[tuple[str, str], object] = {}
-_MODEL_LOCKS: dict[str, threading.RLock] = {}
-_REGISTRY_LOCK = threading.Lock()
-LOADS = {"pipelines": 0}  # how many pipelines this process loaded (tests check it)
-
-
-def model_lock(model: str) -> threading.RLock:
-    """One lock per model: generation with capture and the feature hooks patch the UNet, so two
-    threads (mapped tasks run in a thread pool) must never use one pipeline at the same time."""
-    with _REGISTRY_LOCK:
-        return _MODEL_LOCKS.setdefault(model, threading.RLock())
-
-
-def get_pipeline(model: str):
-    """The pipeline of `model`, loaded once per process."""
-    with model_lock(model):
-        if model not in _PIPELINES:
-            from maskmill.models import load_pipeline
-
-            _PIPELINES[model] = load_pipeline(model)
-            LOADS["pipelines"] += 1
-        return _PIPELINES[model]
 
 
 def get_features(model: str, features: dict):
@@ -75,21 +54,21 @@ def get_features(model: str, features: dict):
     from maskmill.prototypes.features import SDQueryFeatures
 
     key = (model, canonical_json(features))
-    pipe = get_pipeline(model)
-    with model_lock(model):
+    worker = cached_pipeline(model)
+    with worker.lock:
         if key not in _FEATURES:
             if features.get("name", "sd_query") != "sd_query":
                 raise ValueError(f"feature extractor {features.get('name')!r} is not supported by the flow (sd_query)")
-            _FEATURES[key] = SDQueryFeatures(pipe, layers=features.get("layers"), timestep=features["timestep"],
+            _FEATURES[key] = SDQueryFeatures(worker.pipe, layers=features.get("layers"), timestep=features["timestep"],
                                              size=features.get("size"), noise_seed=features.get("noise_seed", 0),
                                              batch_size=features.get("batch_size", 4), model_id=model)
         return _FEATURES[key]
 
 
 def clear_pipelines() -> None:
-    with _REGISTRY_LOCK:
-        _PIPELINES.clear()
-        _FEATURES.clear()
+    """Forget this process's pipelines and feature extractors (tests: a reuse must load nothing)."""
+    clear_pipeline_cache()
+    _FEATURES.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +177,10 @@ def build_or_reuse(class_name: str, cache_root: str, spec: dict) -> dict:
     fingerprint = make_fingerprint(features.fingerprint(), bank_settings(spec))
     timings: dict[str, float] = {}
 
+    worker = cached_pipeline(model)
+
     def build(c: str):
-        pipe = get_pipeline(model) if spec["support"]["kind"] == "generate" else None
+        pipe = worker.pipe if spec["support"]["kind"] == "generate" else None
         s0 = time.perf_counter()
         support = support_for(spec, c, pipe)
         timings["support"] = time.perf_counter() - s0
@@ -212,7 +193,7 @@ def build_or_reuse(class_name: str, cache_root: str, spec: dict) -> dict:
         timings["features_and_bank"] = time.perf_counter() - b0
         return bank
 
-    with model_lock(model):  # one user of the pipeline at a time (capture and hooks patch the UNet)
+    with worker.lock:  # one user of the pipeline at a time (capture and hooks patch the UNet)
         result = cache.get_or_build([class_name], fingerprint, build)
     status = "built" if class_name in result.built else "reused"
     fp_hash = fingerprint_hash(fingerprint)

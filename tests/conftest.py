@@ -34,11 +34,9 @@ SEEDS = [3, 11]
 
 
 def _ddim(prediction_type: str = "epsilon"):
-    from diffusers import DDIMScheduler
+    from maskmill.toyworld.build import ddim_scheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                         prediction_type=prediction_type)
+    return ddim_scheduler(prediction_type=prediction_type)
 
 
 def _finish(pipe):
@@ -48,16 +46,9 @@ def _finish(pipe):
 
 def build_sd1_pipeline(seed: int = 0):
     """SD 1.x layout: the micro SD (32 px images, 16x16 latents, attention at 16 and 8)."""
-    from diffusers import StableDiffusionPipeline
+    from maskmill.toyworld.build import build_pipeline
 
-    from maskmill.toyworld.build import build_models, clip_tokenizer
-
-    torch.manual_seed(seed)
-    vae, text_encoder, unet = build_models()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=_ddim(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    return _finish(pipe)
+    return _finish(build_pipeline(seed))
 
 
 def _tiny_vae():

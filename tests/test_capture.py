@@ -94,6 +94,33 @@ def test_original_processors_are_restored_even_when_the_body_raises(sd1_pipe):
     assert (len(unet._forward_pre_hooks), len(unet.mid_block._forward_hooks)) == hooks_before
 
 
+def test_processor_kwargs_reach_the_wrapped_processor_under_capture(sd1_pipe):
+    """diffusers passes on only the cross_attention_kwargs a processor's signature names."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    seen = []
+
+    class TaggedProcessor(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     tag=None):
+            seen.append(tag)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    unet = sd1_pipe.unet
+    before = dict(unet.attn_processors)
+    unet.set_attn_processor(TaggedProcessor())
+    try:
+        latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+        with capture_attention(unet, CaptureConfig(), batch_size=1, cfg=True, latent_hw=(16, 16)) as store:
+            with torch.no_grad():
+                unet(latents, 500, encoder_hidden_states=context, cross_attention_kwargs={"tag": "kept"})
+        assert seen and set(seen) == {"kept"}
+        assert store.cross_count and any(n > 0 for n in store.self_count.values())
+    finally:
+        unet.set_attn_processor(before)
+
+
 # --- memory flat in steps, results are averages ---------------------------------------------
 
 def test_store_size_is_flat_in_steps_and_maps_are_probabilities(sd1_pipe):

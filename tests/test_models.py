@@ -61,6 +61,21 @@ def test_a_repo_id_loads_from_the_hugging_face_cache(pipes, saved_pipeline, hf_c
     assert np.array_equal(generate_plain(loaded, PROMPTS[:1], SEEDS[:1], SETTINGS)[0], expected[0])
     fp = models.model_fingerprint("org/name")
     assert fp["model"] == "org/name" and len(fp["config_hash"]) == 16
+    # the cached snapshot is fingerprinted by its content, like the folder it was copied from
+    assert fp["config_hash"] == models.model_fingerprint(str(saved_pipeline("sd1")))["config_hash"]
+
+
+def test_the_fingerprint_sees_retrained_weights_of_the_same_size(saved_pipeline, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(saved_pipeline("sd1"), folder)
+    before = models.model_fingerprint(str(folder))
+    assert models.model_fingerprint(str(folder)) == before
+    weights = next((folder / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])  # same size, same header
+    weights.write_bytes(bytes(data))
+    assert models.model_fingerprint(str(folder))["config_hash"] != before["config_hash"]
 
 
 def test_the_cache_set_by_the_variable_alone_is_used_for_loading_too(saved_pipeline, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 
 from maskmill.prototypes import load_bank
 from maskmill.prototypes.support import SupportSet, generate_support, masks_at, support_from_run
+from maskmill.runner import PIPELINE_LOADS
 from maskmill.shards import RunLayout, SampleRecord, build_meta, sample_key, write_shard
 from maskmill.toyworld.render import SHAPES, Scene, ShapeObject, render
 
@@ -126,11 +127,11 @@ def test_flow_builds_reuses_and_rebuilds_only_changed_classes(harness, run_dir, 
     assert {m.side for m in bank.meta} == {"fg", "bg"}
     assert set(first["per_class"]["circle"]["timings"]) >= {"support", "features_and_bank"}
 
-    loads = tp.LOADS["pipelines"]
+    loads = PIPELINE_LOADS["count"]
     tp.clear_pipelines()  # a reuse must not even load the model
     second = build_prototypes(["circle", "square"], **kw)
     assert second["built"] == [] and second["reused"] == ["circle", "square"]
-    assert tp.LOADS["pipelines"] == loads
+    assert PIPELINE_LOADS["count"] == loads
     assert load_bank(second["bank_path"]).vectors.equal(bank.vectors)
 
     third = build_prototypes(["circle", "square"], stuff_classes=["square"], **kw)

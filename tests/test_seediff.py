@@ -164,6 +164,15 @@ def test_seediff_needs_self_attention_at_its_seed_side():
         SeeDiffExtractor().extract(attn, classes, image)
 
 
+def test_capture_steps_set_the_recorded_window_and_bad_windows_are_refused(sd1_pipe):
+    config = SeeDiffExtractor(capture_steps=(0.5, 1.0)).capture_config(sd1_pipe.unet, (16, 16))
+    assert config.steps == (0.5, 1.0) and 16 in config.self_blocks
+    assert SeeDiffExtractor().capture_config(sd1_pipe.unet, (16, 16)).steps == (0.0, 1.0)  # the authors': all steps
+    for bad in [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.5)]:
+        with pytest.raises(ValueError, match="capture_steps"):
+            SeeDiffExtractor(capture_steps=bad)
+
+
 # --- every registered extractor honours the contract ------------------------------------------
 
 @pytest.mark.parametrize("name", extractor_names())

@@ -1,11 +1,12 @@
 """The shapes world: rendering, ground-truth recovery from colours, and the training command."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from maskmill.toyworld.recover import classify_shape, recover_masks
-from maskmill.toyworld.render import COLOURS, SHAPES, is_held_out, render, sample_scene, shape_mask
+from maskmill.toyworld.render import is_held_out, render, sample_scene, shape_mask
 
 
 def test_recovery_from_colours_is_exact_on_rendered_scenes():
@@ -58,3 +59,60 @@ def test_training_command_runs_a_few_steps_and_saves_a_loadable_pipeline(tmp_pat
     pipe = load_pipeline(str(out))
     assert pipe.unet.dtype.is_floating_point and pipe.tokenizer.model_max_length == 77
     assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents, not SD's constant
+
+
+# --- bench-masks: variants files and per-window capture ------------------------------------------
+
+def test_the_committed_sweep_file_loads_and_bad_variants_are_refused(tmp_path):
+    from maskmill.toyworld.bench_masks import load_variants
+
+    repo = Path(__file__).resolve().parents[1]
+    variants = load_variants(repo / "benchmarks" / "mask_sweeps.yaml")
+    assert {name for name, _ in variants.values()} >= {"cross", "propagated", "seediff", "diffseg", "diffcut"}
+    cases = {"{a: {extractor: nope}}": "unknown extractor 'nope'",
+             "{a: {extractor: seediff, params: {seed_sidee: 8}}}": "variant 'a': bad params for seediff",
+             "{a: {extractor: seediff, params: {capture_steps: [0.9, 0.1]}}}": "capture_steps",
+             "{a: {name: seediff}}": "variant 'a' must have `extractor`",
+             "[]": "expected a mapping"}
+    for text, message in cases.items():
+        path = tmp_path / "v.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_variants(path)
+
+
+def test_variants_with_different_step_windows_score_the_same_images(monkeypatch):
+    from maskmill.toyworld import bench_masks
+    from maskmill.toyworld.build import build_pipeline
+
+    calls = []
+    real = bench_masks.generate_items
+
+    def counting(pipe, items, capture, batch=16):
+        images, attns = real(pipe, items, capture, batch)
+        calls.append((capture.steps, images))
+        return images, attns
+
+    monkeypatch.setattr(bench_masks, "generate_items", counting)
+    pipe = build_pipeline(0)
+    variants = {"all steps": ("seediff", {}), "last half": ("seediff", {"capture_steps": [0.5, 1.0]}),
+                "cross": ("cross", {})}
+    results = bench_masks.run_variants(pipe, 2, variants, batch=2)
+    assert sorted(w for w, _ in calls) == [(0.0, 1.0), (0.5, 1.0)]  # one generation per window
+    assert all(np.array_equal(a, b) for a, b in zip(calls[0][1], calls[1][1]))
+    assert set(results) == set(variants)
+    assert all(0.0 <= r["miou_single"] <= 1.0 and 0.0 <= r["pixel_acc"] <= 1.0 for r in results.values())
+
+
+def test_eval_reports_every_figure_in_range_on_a_random_micro_model():
+    from maskmill.toyworld.build import build_pipeline
+    from maskmill.toyworld.evaluate import TARGETS, evaluate, format_report
+
+    report = evaluate(build_pipeline(0), n=2, batch=2)
+    for key in [*TARGETS, "whole_image_accuracy"]:
+        assert 0.0 <= report[key] <= 1.0, key
+    assert set(report["word_cross_attention_iou"]) == {"colour", "shape"}
+    assert sorted(set(report["layer_sides"].values())) == [8, 16]
+    assert all(0.0 <= a <= 1.0 for a in report["grouping_auc"].values())
+    text = format_report(report)
+    assert "seed_cross_attention_iou" in text and "colour word cross-attention IoU" in text

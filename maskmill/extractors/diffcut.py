@@ -198,6 +198,14 @@ class DiffCutExtractor(SegmentingExtractor):
         self.margin = margin
         self.cross_resolutions = None if cross_resolutions is None else list(cross_resolutions)
 
+    def capture_config(self, unet, latent: tuple[int, int]):
+        """UNet features from the last steps (DiffCut reads t near 0) and cross-attention to name segments;
+        no self-attention."""
+        from ..capture import CaptureConfig
+
+        return CaptureConfig(self_blocks={}, feature_modules={self.feature_name: encoder_last_attention_path(unet)},
+                             steps=(0.9, 1.0))
+
     def segment(self, attn: SampleAttention, size: tuple[int, int]) -> np.ndarray:
         """Class-agnostic DiffCut segments at `size`: int64 (H, W) ids 0..S-1."""
         if self.feature_name not in attn.features:
@@ -219,14 +227,3 @@ def encoder_last_attention_path(unet) -> str:
         if attns:
             return f"down_blocks.{i}.attentions.{len(attns) - 1}"
     raise ValueError("this UNet's encoder has no attention block for DiffCut features")
-
-
-def _diffcut_capture_config(self, unet, latent):
-    from ..capture import CaptureConfig
-
-    # DiffCut reads UNet features only; cross-attention names its segments. No self-attention needed.
-    return CaptureConfig(self_blocks={}, feature_modules={self.feature_name: encoder_last_attention_path(unet)},
-                         steps=(0.9, 1.0))
-
-
-DiffCutExtractor.capture_config = _diffcut_capture_config

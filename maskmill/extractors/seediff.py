@@ -55,7 +55,11 @@ class SeeDiffExtractor(Extractor):
 
     def __init__(self, seed_side: int | None = None, cross_sides: list[int] | None = None,
                  refine_sides: list[int] | None = None, fg_threshold: float = 0.3, final_threshold: float = 0.8,
-                 pamr_iterations: int = 10, pamr_dilations: tuple[int, ...] = (1, 2, 4), margin: float = 0.05):
+                 pamr_iterations: int = 10, pamr_dilations: tuple[int, ...] = (1, 2, 4), margin: float = 0.05,
+                 capture_steps: tuple[float, float] = (0.0, 1.0)):
+        if not 0.0 <= capture_steps[0] < capture_steps[1] <= 1.0:
+            raise ValueError(f"capture_steps must be [start, end) fractions with 0 <= start < end <= 1, "
+                             f"got {list(capture_steps)}")
         self.seed_side = seed_side
         self.cross_sides = cross_sides
         self.refine_sides = refine_sides
@@ -64,6 +68,8 @@ class SeeDiffExtractor(Extractor):
         self.pamr_iterations = pamr_iterations
         self.pamr_dilations = tuple(pamr_dilations)
         self.margin = margin
+        # the authors average all steps; a later window captures less (cheaper) where masks allow it
+        self.capture_steps = (float(capture_steps[0]), float(capture_steps[1]))
 
     def _seed_side(self, attn: SampleAttention) -> int:
         if not attn.self_attn:
@@ -79,7 +85,8 @@ class SeeDiffExtractor(Extractor):
         blocks = {seed: ("down", "mid", "up")}
         for s in finer:
             blocks[s] = ("up",) if s >= 64 else ("down", "mid", "up")
-        return CaptureConfig(self_blocks=blocks, cross_sides=tuple(self.cross_sides or [seed]))
+        return CaptureConfig(self_blocks=blocks, cross_sides=tuple(self.cross_sides or [seed]),
+                             steps=self.capture_steps)
 
     def soft_maps(self, attn: SampleAttention, classes: list[ClassSpec], hw: tuple[int, int]) -> torch.Tensor:
         """Steps 1-3 for each class, upsampled to `hw`: (K, H, W) in [0, 1]."""

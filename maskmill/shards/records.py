@@ -95,6 +95,7 @@ def build_meta(
     extractor: str,
     extractor_params: dict[str, Any],
     confidence: list[float] | None = None,
+    mask_fraction: list[float] | None = None,
     scores: dict[str, float] | None = None,
     width: int | None = None,
     height: int | None = None,
@@ -103,7 +104,8 @@ def build_meta(
 
     Using this for every record keeps the `json` field's structure identical across
     samples, which Hugging Face `datasets` needs (it infers the features from the first ones).
-    classes[i] has run id class_ids[i]; confidence[i] is the extractor's score for it.
+    classes[i] has run id class_ids[i]; confidence[i] is the extractor's score for it and
+    mask_fraction[i] the share of the image its mask covers.
     """
     if len(classes) != len(class_ids):
         raise ValueError(f"{len(classes)} classes but {len(class_ids)} class ids")
@@ -118,6 +120,7 @@ def build_meta(
         "extractor": extractor,
         "extractor_params": dict(extractor_params),
         "confidence": [float(c) for c in confidence] if confidence is not None else [],
+        "mask_fraction": [float(f) for f in mask_fraction] if mask_fraction is not None else [],
         "scores": {k: float(v) for k, v in (scores or {}).items()},
         "width": width,
         "height": height,

@@ -38,7 +38,7 @@ import webdataset as wds
 from PIL import Image
 
 from .layout import ShardPaths, atomic_write_bytes, shard_paths
-from .records import ACCEPTED, BACKGROUND, IGNORE, SampleRecord, shard_name
+from .records import BACKGROUND, IGNORE, SampleRecord, shard_name
 
 IMAGE_FORMATS = ("png", "jpg")
 MASK_FIELD = "mask.png"

@@ -1,6 +1,7 @@
 """Score every mask extractor on the same generated shapes-world images, side by side.
 
     maskmill toyworld bench-masks [--model shapes-sd] [--n 64] [--methods cross,propagated,...]
+    maskmill toyworld bench-masks --variants benchmarks/mask_sweeps.yaml   # settings sweeps, same images
 
 Ground truth is recovered from each generated image's own colours (`recover.py`); images are
 generated from the evaluation captions (held-out multi-object captions, fresh seeds for single
@@ -55,24 +56,56 @@ def run(pipe, n: int = 64, methods: list[str] | None = None, params: dict[str, d
     return run_variants(pipe, n, {m: (m, params.get(m, {})) for m in methods}, batch)
 
 
+def load_variants(path: Path) -> dict[str, tuple[str, dict]]:
+    """{label: (extractor, params)} from a YAML file of {label: {extractor: NAME, params: {...}}}.
+
+    Every variant is built once here, so a wrong name or parameter is refused before generation.
+    """
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{path}: expected a mapping of variant labels to {{extractor, params}}")
+    variants = {}
+    for label, v in raw.items():
+        if not isinstance(v, dict) or set(v) - {"extractor", "params"} or "extractor" not in v:
+            raise ValueError(f"{path}: variant {label!r} must have `extractor` and optional `params`, got {v!r}")
+        name, params = v["extractor"], v.get("params") or {}
+        if name not in extractor_names():
+            raise ValueError(f"{path}: variant {label!r}: unknown extractor {name!r}; "
+                             f"available: {', '.join(extractor_names())}")
+        try:
+            get_extractor(name, **params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: variant {label!r}: bad params for {name}: {e}") from e
+        variants[str(label)] = (name, dict(params))
+    return variants
+
+
 def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int = 16) -> dict[str, dict]:
     """Like `run`, for named (extractor, parameters) variants, e.g. a threshold sweep on one image set."""
     unknown = {name for name, _ in variants.values()} - set(extractor_names())
     if unknown:
         raise ValueError(f"unknown extractors {sorted(unknown)}; available: {', '.join(extractor_names())}")
     extractors = {label: get_extractor(name, **p) for label, (name, p) in variants.items()}
-    capture = CaptureConfig()
-    for e in extractors.values():  # everything, plus any UNet features an extractor reads (DiffCut)
-        wants = getattr(e, "capture_config", None)
-        if callable(wants):
-            capture.feature_modules.update(wants(pipe.unet, latent_hw(pipe, 32, 32)).feature_modules)
+    # Capture everything each extractor reads (plus DiffCut's UNet features), once per window of
+    # recorded steps: capture never changes the images, so every window scores the same images.
+    wanted = {label: e.capture_config(pipe.unet, latent_hw(pipe, 32, 32)) for label, e in extractors.items()
+              if callable(getattr(e, "capture_config", None))}
+    windows = sorted({w.steps for w in wanted.values()} | {(0.0, 1.0)})
+    captures = {w: CaptureConfig(steps=w) for w in windows}
+    for w in wanted.values():
+        captures[w.steps].feature_modules.update(w.feature_modules)
     items = eval_items(n)
-    images, attns = generate_items(pipe, items, capture, batch)
+    attns_by_window = {}
+    for window, capture in captures.items():
+        images, attns_by_window[window] = generate_items(pipe, items, capture, batch)
     truths = [recover_masks(img, list(it.colours))[0] for img, it in zip(images, items)]
     results = {}
     for m, ex in extractors.items():
         rows = {"single": [], "multi": []}
         accs, seconds = [], 0.0
+        attns = attns_by_window[wanted[m].steps if m in wanted else (0.0, 1.0)]
         for img, it, attn, gt in zip(images, items, attns, truths):
             specs = class_specs(pipe.tokenizer, it)
             t0 = time.perf_counter()

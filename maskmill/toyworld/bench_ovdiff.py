@@ -423,6 +423,7 @@ def main_args(a) -> int:
         torch.set_num_threads(int(a.threads))  # OpenMP spin-waits make 2 threads far slower on a shared 2-core box
     settings = BenchSettings(n_support=a.n_support, n_test=a.n_test, k_parts=a.k_parts,
                              timestep=getattr(a, "timestep", 200), feature_size=getattr(a, "feature_size", None),
+                             layers=a.layers.split(",") if getattr(a, "layers", None) else None,
                              refine=bool(getattr(a, "refine", False)),
                              diagnostics=not getattr(a, "no_diagnostics", False))
     pipe = load_pipeline(a.model)

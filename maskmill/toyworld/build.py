@@ -57,14 +57,15 @@ def write_clip_tokenizer_files(out_dir: Path) -> Path:
 
 
 @lru_cache(maxsize=1)
-def clip_tokenizer(cache_dir: str = "") -> "CLIPTokenizer":  # noqa: F821
+def clip_tokenizer():
+    """CLIP's tokenizer, built offline (a transformers CLIPTokenizer)."""
     import tempfile
 
     from transformers import CLIPTokenizer
 
-    d = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="maskmill-tok-"))
-    write_clip_tokenizer_files(d)
-    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="maskmill-tok-") as d:  # read into memory by __init__
+        write_clip_tokenizer_files(Path(d))
+        return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), model_max_length=77)
 
 
 def vae_config() -> dict:
@@ -106,3 +107,27 @@ def build_models():
         CLIPTextModel(CLIPTextConfig(**text_config())),
         UNet2DConditionModel(**unet_config()),
     )
+
+
+def ddim_scheduler(**overrides):
+    """SD's DDIM sampler (scaled-linear betas), the micro SD's default."""
+    from diffusers import DDIMScheduler
+
+    config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**{**config, **overrides})
+
+
+def build_pipeline(seed: int = 0, vae=None, text_encoder=None, unet=None, scheduler=None):
+    """A StableDiffusionPipeline of the micro SD: random weights (seeded) unless modules are given."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if vae is None or text_encoder is None or unet is None:
+        torch.manual_seed(seed)
+        fresh = build_models()
+        vae, text_encoder, unet = (given if given is not None else new
+                                   for given, new in zip((vae, text_encoder, unet), fresh))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler or ddim_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)

@@ -86,6 +86,11 @@ def sample_accuracy(image: np.ndarray, item: EvalItem) -> dict:
     return {"colour": colour_ok, "shape": shape_ok, "whole": all(shape_ok) and not has_extra, "labels": labels}
 
 
+def word_specs(specs: list[ClassSpec], word: str) -> list[ClassSpec]:
+    """Each "<colour> <shape>" seed phrase cut to its colour word or its shape word (one CLIP token each)."""
+    return [ClassSpec(s.name, s.token_indices[:1] if word == "colour" else s.token_indices[1:]) for s in specs]
+
+
 def seed_iou(attn: SampleAttention, specs: list[ClassSpec], labels: np.ndarray, threshold: float = 0.5) -> list[float]:
     """IoU of each object's seed-phrase cross-attention (all layers, at 16x16, upsampled) with its true mask."""
     out = []
@@ -137,6 +142,7 @@ def evaluate(pipe, n: int = 64, batch: int = 16) -> dict:
     capture = CaptureConfig(per_layer_self=True)
     images, attns = generate_items(pipe, items, capture, batch)
     colour, shape, whole, ious = [], [], [], []
+    word_ious: dict[str, list[float]] = {"colour": [], "shape": []}
     layer_auc: dict[str, list[float]] = {}
     layer_ratio: dict[str, list[float]] = {}
     for img, item, attn in zip(images, items, attns):
@@ -144,7 +150,10 @@ def evaluate(pipe, n: int = 64, batch: int = 16) -> dict:
         colour += acc["colour"]
         shape += acc["shape"]
         whole.append(acc["whole"])
-        ious += seed_iou(attn, class_specs(pipe.tokenizer, item), acc["labels"])
+        specs = class_specs(pipe.tokenizer, item)
+        ious += seed_iou(attn, specs, acc["labels"])
+        for word, values in word_ious.items():  # which word carries location is the model's choice
+            values += seed_iou(attn, word_specs(specs, word), acc["labels"])
         for name, sa in attn.self_attn_layers.items():
             a, r = grouping_scores(sa, acc["labels"])
             layer_auc.setdefault(name, []).extend(a)
@@ -153,16 +162,22 @@ def evaluate(pipe, n: int = 64, batch: int = 16) -> dict:
     seed_layers = [n for n, s in side_of.items() if s == SEED_SIDE]
     return {
         "images": n,
-        "colour_accuracy": float(np.mean(colour)),
-        "shape_accuracy": float(np.mean(shape)),
-        "whole_image_accuracy": float(np.mean(whole)),
-        "seed_cross_attention_iou": float(np.mean(ious)) if ious else 0.0,
-        "grouping_auc": {k: float(np.mean(v)) for k, v in layer_auc.items()},
-        "grouping_mass_ratio": {k: float(np.mean(v)) for k, v in layer_ratio.items()},
-        "grouping_auc_seed_layers": float(np.mean([np.mean(layer_auc[k]) for k in seed_layers])) if seed_layers else 0.0,
+        "colour_accuracy": _mean(colour),
+        "shape_accuracy": _mean(shape),
+        "whole_image_accuracy": _mean(whole),
+        "seed_cross_attention_iou": _mean(ious),
+        "word_cross_attention_iou": {w: _mean(v) for w, v in word_ious.items()},
+        "grouping_auc": {k: _mean(v) for k, v in layer_auc.items()},
+        "grouping_mass_ratio": {k: _mean(v) for k, v in layer_ratio.items()},
+        "grouping_auc_seed_layers": _mean([_mean(layer_auc[k]) for k in seed_layers]),
         "layer_sides": side_of,
         "settings": vars(SETTINGS),
     }
+
+
+def _mean(values: list) -> float:
+    """Mean, or 0.0 when there is nothing to average (no object was drawn: the figure fails)."""
+    return float(np.mean(values)) if len(values) else 0.0
 
 
 TARGETS = {"shape_accuracy": 0.90, "colour_accuracy": 0.95, "seed_cross_attention_iou": 0.6,
@@ -176,6 +191,8 @@ def format_report(r: dict) -> str:
         mark = "ok" if r[key] >= target else "MISSED"
         lines.append(f"{key:34s} {r[key]:8.3f} {'>= ' + str(target):>8s}  {mark}")
     lines.append(f"{'whole_image_accuracy':34s} {r['whole_image_accuracy']:8.3f}")
+    for word, iou in r["word_cross_attention_iou"].items():
+        lines.append(f"{word + ' word cross-attention IoU':34s} {iou:8.3f}")
     lines.append("self-attention grouping per layer (AUC ; own-object mass / area):")
     for name, auc in r["grouping_auc"].items():
         lines.append(f"  {name:52s} {r['layer_sides'][name]:3d}x{r['layer_sides'][name]:<3d} "
