@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from maskmill.toyworld.recover import classify_shape, recover_masks
 from maskmill.toyworld.render import is_held_out, render, sample_scene, shape_mask
@@ -59,6 +60,16 @@ def test_training_command_runs_a_few_steps_and_saves_a_loadable_pipeline(tmp_pat
     pipe = load_pipeline(str(out))
     assert pipe.unet.dtype.is_floating_point and pipe.tokenizer.model_max_length == 77
     assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents, not SD's constant
+
+    # a second run reuses that VAE (stage 1 skipped) with an embeddings-only text encoder
+    again = tmp_path / "m2"
+    main(["--out", str(again), "--steps", "2", "--scenes", "64", "--batch", "4", "--vae-from", str(out),
+          "--text-layers", "0"])
+    reloaded = load_pipeline(str(again))
+    assert reloaded.text_encoder.config.num_hidden_layers == 0
+    assert json.loads((again / "training_summary.json").read_text())["vae_steps"] == 0
+    for a, b in zip(pipe.vae.state_dict().values(), reloaded.vae.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # --- bench-masks: variants files and per-window capture ------------------------------------------

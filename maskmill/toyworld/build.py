@@ -77,9 +77,9 @@ def vae_config() -> dict:
     )
 
 
-def text_config() -> dict:
+def text_config(layers: int = 2) -> dict:
     return dict(
-        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_HIDDEN,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
@@ -97,14 +97,19 @@ def unet_config() -> dict:
     )
 
 
-def build_models():
-    """Fresh (vae, text_encoder, unet) with the micro SD architecture."""
+def build_models(text_layers: int = 2):
+    """Fresh (vae, text_encoder, unet) with the micro SD architecture.
+
+    text_layers=0 leaves the CLIPTextModel its token + position embeddings and final norm only:
+    no token can summarise the caption, so the UNet must find each word at its own token, which
+    is what makes cross-attention localise on a model this small (model card).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return (
         AutoencoderKL(**vae_config()),
-        CLIPTextModel(CLIPTextConfig(**text_config())),
+        CLIPTextModel(CLIPTextConfig(**text_config(text_layers))),
         UNet2DConditionModel(**unet_config()),
     )
 

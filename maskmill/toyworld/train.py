@@ -91,7 +91,8 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
 
 def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 16000, batch: int = 32,
           lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
-          data_cache: str | None = None, workers: int = 2) -> dict:
+          data_cache: str | None = None, workers: int = 2, text_layers: int = 2,
+          vae_from: str | None = None) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
     torch.manual_seed(seed)
@@ -119,9 +120,16 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     captions = captions + captions
     log({"stage": "data", "scenes": len(images_np)})
 
-    vae, text_encoder, unet = build_models()
+    vae, text_encoder, unet = build_models(text_layers)
     tokenizer = clip_tokenizer()
-    train_vae(vae, images, vae_steps, vae_batch, 1e-3, log)
+    if vae_from:  # reuse a trained VAE (its own folder or a pipeline's vae/ subfolder): stage 1 skipped
+        from diffusers import AutoencoderKL
+
+        src = Path(vae_from)
+        vae = AutoencoderKL.from_pretrained(src / "vae" if (src / "vae").is_dir() else src, dtype=torch.float32)
+        log({"stage": "vae", "loaded_from": str(src)})
+    else:
+        train_vae(vae, images, vae_steps, vae_batch, 1e-3, log)
     mean, std = encode_latents(vae, images)
     scaling = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -178,7 +186,8 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
             save(f"step {step}")
     trainable.eval()
     save("final")
-    summary = {"steps": steps, "vae_steps": vae_steps, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
+    summary = {"steps": steps, "vae_steps": 0 if vae_from else vae_steps, "vae_from": vae_from,
+               "text_layers": text_layers, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
                "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -197,11 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-cache", help="npz file: rendered scenes are loaded from it, or saved to it")
     p.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--text-layers", type=int, default=2, help="CLIP text transformer layers (0: embeddings only)")
+    p.add_argument("--vae-from", help="a trained VAE folder (or pipeline folder): skip VAE training")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed, vae_batch=a.vae_batch,
-          data_cache=a.data_cache, workers=a.workers)
+          data_cache=a.data_cache, workers=a.workers, text_layers=a.text_layers, vae_from=a.vae_from)
 
 
 if __name__ == "__main__":
