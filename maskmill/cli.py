@@ -105,10 +105,10 @@ def _cmd_toyworld(a) -> int:
 
     if a.variants:
         variants = load_variants(a.variants)  # refused before any generation if malformed
-        results = run_variants(pipe, a.n, variants)
+        results = run_variants(pipe, a.n, variants, split=a.split)
     else:
-        results = run(pipe, a.n, a.methods.split(",") if a.methods else None)
-    print(format_table(results, a.n))
+        results = run(pipe, a.n, a.methods.split(",") if a.methods else None, split=a.split)
+    print(format_table(results, a.n, a.split))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             te.add_argument("--methods", help="comma-separated extractor names")
             te.add_argument("--variants", type=Path,
                             help="YAML {label: {extractor: NAME, params: {...}}}: score these instead of --methods")
+            te.add_argument("--split", choices=["eval", "tune"], default="eval",
+                            help="eval: held-out captions (reported figures); tune: trained captions, other seeds")
     to = tsub.add_parser("bench-ovdiff", help="OVDiff banks from generated support, mIoU on rendered scenes")
     to.add_argument("--model", default="shapes-sd")
     to.add_argument("--n-support", type=int, default=32)

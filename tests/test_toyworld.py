@@ -127,3 +127,19 @@ def test_eval_reports_every_figure_in_range_on_a_random_micro_model():
     assert all(0.0 <= a <= 1.0 for a in report["grouping_auc"].values())
     text = format_report(report)
     assert "seed_cross_attention_iou" in text and "colour word cross-attention IoU" in text
+
+
+def test_the_tune_split_never_uses_held_out_captions_and_eval_uses_only_those():
+    from maskmill.toyworld.evaluate import eval_items
+    from maskmill.toyworld.render import ShapeObject
+
+    def held_out(item):
+        return is_held_out([ShapeObject(s, c, 0, 0, 0, "stripes", 0) for s, c in zip(item.shapes, item.colours)])
+
+    tune, evaluation = eval_items(40, "tune"), eval_items(40, "eval")
+    for items, want in [(tune, False), (evaluation, True)]:
+        multi = [it for it in items if it.kind == "multi"]
+        assert len(multi) == 20 and all(held_out(it) == want for it in multi)
+    assert {it.seed for it in tune}.isdisjoint(it.seed for it in evaluation)
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        eval_items(4, "test")

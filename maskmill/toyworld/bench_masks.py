@@ -1,7 +1,7 @@
 """Score every mask extractor on the same generated shapes-world images, side by side.
 
     maskmill toyworld bench-masks [--model shapes-sd] [--n 64] [--methods cross,propagated,...]
-    maskmill toyworld bench-masks --variants benchmarks/mask_sweeps.yaml   # settings sweeps, same images
+    maskmill toyworld bench-masks --variants benchmarks/mask_sweeps.yaml --split tune   # choose settings
 
 Ground truth is recovered from each generated image's own colours (`recover.py`); images are
 generated from the evaluation captions (held-out multi-object captions, fresh seeds for single
@@ -49,11 +49,11 @@ def shapes_config_params() -> dict[str, dict]:
 
 
 def run(pipe, n: int = 64, methods: list[str] | None = None, params: dict[str, dict] | None = None,
-        batch: int = 16) -> dict[str, dict]:
+        batch: int = 16, split: str = "eval") -> dict[str, dict]:
     """{method: {"miou_single", "miou_multi", "pixel_acc", "seconds_per_image"}} on one image set."""
     methods = [m for m in (methods or DEFAULT_METHODS) if m in extractor_names()]
     params = shapes_config_params() if params is None else params
-    return run_variants(pipe, n, {m: (m, params.get(m, {})) for m in methods}, batch)
+    return run_variants(pipe, n, {m: (m, params.get(m, {})) for m in methods}, batch, split)
 
 
 def load_variants(path: Path) -> dict[str, tuple[str, dict]]:
@@ -82,8 +82,12 @@ def load_variants(path: Path) -> dict[str, tuple[str, dict]]:
     return variants
 
 
-def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int = 16) -> dict[str, dict]:
-    """Like `run`, for named (extractor, parameters) variants, e.g. a threshold sweep on one image set."""
+def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int = 16,
+                 split: str = "eval") -> dict[str, dict]:
+    """Like `run`, for named (extractor, parameters) variants, e.g. a threshold sweep on one image set.
+
+    split "tune" scores on trained captions with other seeds: choose settings there, report "eval".
+    """
     unknown = {name for name, _ in variants.values()} - set(extractor_names())
     if unknown:
         raise ValueError(f"unknown extractors {sorted(unknown)}; available: {', '.join(extractor_names())}")
@@ -96,7 +100,7 @@ def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int
     captures = {w: CaptureConfig(steps=w) for w in windows}
     for w in wanted.values():
         captures[w.steps].feature_modules.update(w.feature_modules)
-    items = eval_items(n)
+    items = eval_items(n, split)
     attns_by_window = {}
     for window, capture in captures.items():
         images, attns_by_window[window] = generate_items(pipe, items, capture, batch)
@@ -139,8 +143,10 @@ def best_match_iou(segments: np.ndarray, gt: np.ndarray, n_objects: int) -> floa
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def format_table(results: dict[str, dict], n: int) -> str:
-    lines = [f"mask quality on {n} generated shapes-world images (truth recovered from the image's colours)",
+def format_table(results: dict[str, dict], n: int, split: str = "eval") -> str:
+    captions = "held-out multi-object captions" if split == "eval" else "TUNE split: trained captions, other seeds"
+    lines = [f"mask quality on {n} generated shapes-world images ({captions}; truth recovered from the image's "
+             f"colours)",
              "| method | mIoU single | mIoU multi | pixel acc | s / image | segments best-match IoU |",
              "|---|---|---|---|---|---|"]
     for m, r in results.items():

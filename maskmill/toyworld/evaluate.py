@@ -43,14 +43,24 @@ class EvalItem:
         return "single" if len(self.colours) == 1 else "multi"
 
 
-def eval_items(n: int, seed: int = 20261122) -> list[EvalItem]:
-    """n captions: the first half single objects, the rest held-out multi-object captions."""
-    rng = np.random.default_rng(seed)
+SPLIT_SEEDS = {"eval": 20261122, "tune": 7}
+
+
+def eval_items(n: int, split: str = "eval") -> list[EvalItem]:
+    """n captions: the first half single objects, the rest multi-object captions.
+
+    split "eval": the multi-object captions are the held-out ones (never trained on) and every
+    reported figure uses them. split "tune": trained multi-object captions with other seeds, for
+    choosing settings without looking at the held-out captions.
+    """
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLIT_SEEDS)}")
+    rng = np.random.default_rng(SPLIT_SEEDS[split])
     items = []
     while len(items) < n:
         want_single = len(items) < n // 2
         scene = sample_scene(rng, n_objects=1 if want_single else int(rng.choice([2, 3])))
-        if not want_single and not is_held_out(scene.objects):
+        if not want_single and is_held_out(scene.objects) != (split == "eval"):
             continue
         objs = scene.objects
         items.append(EvalItem(caption_for(objs), tuple(o.colour for o in objs), tuple(o.shape for o in objs),
