@@ -117,6 +117,23 @@ def test_seediff_without_pamr_still_finds_the_objects():
     assert_recovers_both_objects(result, truth)
 
 
+def test_cross_attention_separates_objects_that_self_attention_groups_together():
+    """Self-attention that only tells foreground from background (both objects one group, as the
+    micro model's): each class's expansion covers both objects, so only its own cross-attention can
+    say which object is which."""
+    attn, classes, image, truth = hand_made_sample()
+    r16 = regions_16()
+    attn.self_attn[SIDE] = block_attention((r16 > 0).astype(int))
+    joined = SeeDiffExtractor(separate_by_cross=False).extract(attn, classes, image)
+    separated = SeeDiffExtractor().extract(attn, classes, image)
+    assert min(iou(joined.labels == k, truth == k) for k in (OBJECT_A, OBJECT_B)) < 0.6
+    assert_recovers_both_objects(separated, truth)
+    # one class alone: nothing to separate, the same mask either way
+    alone = [classes[0]]
+    assert np.array_equal(SeeDiffExtractor(separate_by_cross=False).extract(attn, alone, image).labels,
+                          SeeDiffExtractor().extract(attn, alone, image).labels)
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.3])
 def test_a_class_with_uniform_cross_attention_gets_low_confidence(noise):
     """A token that attends everywhere alike (up to noise) carries no location: it must not look confident."""

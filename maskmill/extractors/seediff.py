@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..capture import CaptureConfig
-from .attention_ops import class_cross_map, expand, minmax, otsu, resize
+from .attention_ops import class_cross_map, expand, minmax, otsu, propagate, resize
 from .base import ClassSpec, Extractor, MaskResult, SampleAttention, register, resolve_labels
 from .pamr import pamr
 
@@ -56,7 +56,7 @@ class SeeDiffExtractor(Extractor):
     def __init__(self, seed_side: int | None = None, cross_sides: list[int] | None = None,
                  refine_sides: list[int] | None = None, fg_threshold: float = 0.3, final_threshold: float = 0.8,
                  pamr_iterations: int = 10, pamr_dilations: tuple[int, ...] = (1, 2, 4), margin: float = 0.05,
-                 capture_steps: tuple[float, float] = (0.0, 1.0)):
+                 capture_steps: tuple[float, float] = (0.0, 1.0), separate_by_cross: bool = True):
         if not 0.0 <= capture_steps[0] < capture_steps[1] <= 1.0:
             raise ValueError(f"capture_steps must be [start, end) fractions with 0 <= start < end <= 1, "
                              f"got {list(capture_steps)}")
@@ -70,6 +70,10 @@ class SeeDiffExtractor(Extractor):
         self.margin = margin
         # the authors average all steps; a later window captures less (cheaper) where masks allow it
         self.capture_steps = (float(capture_steps[0]), float(capture_steps[1]))
+        # Expansion separates foreground from background, not one object from another (ANCHORS §4):
+        # with several classes in a prompt, weight each class's score by its own propagated
+        # cross-attention before the per-pixel argmax.
+        self.separate_by_cross = bool(separate_by_cross)
 
     def _seed_side(self, attn: SampleAttention) -> int:
         if not attn.self_attn:
@@ -114,6 +118,8 @@ class SeeDiffExtractor(Extractor):
         fg = (refined > self.final_threshold).numpy()
         # keeps attention strength inside the mask; PAMR's weighted averages can overshoot 1 by rounding
         final_soft = np.clip((refined * soft).numpy(), 0.0, 1.0).astype(np.float32)
+        if self.separate_by_cross and len(classes) > 1:
+            final_soft = final_soft * self.class_weights(attn, classes, (h, w)).numpy()
         labels = resolve_labels(final_soft, fg, self.margin)
         # Confidence rests on the class's own cross-attention, not on the expanded map: expansion makes a
         # crisp region out of any seeds, even those Otsu picks from a token that attends everywhere alike.
@@ -121,6 +127,16 @@ class SeeDiffExtractor(Extractor):
         confidence = np.array([_confidence(evidence[k].numpy(), labels == k + 1) for k in range(len(classes))],
                               dtype=np.float32)
         return MaskResult(labels=labels, soft=final_soft, confidence=confidence)
+
+    def class_weights(self, attn: SampleAttention, classes: list[ClassSpec], hw: tuple[int, int]) -> torch.Tensor:
+        """Each class's cross-attention times its self-attention-propagated self, normalised: (K, H, W)."""
+        side = self._seed_side(attn)
+        maps = []
+        for spec in classes:
+            ca = class_cross_map(attn, spec, side, self.cross_sides)
+            prop = minmax(propagate(attn.self_attn[side], ca).reshape(side, side))
+            maps.append(minmax(resize(ca * prop, hw)))
+        return torch.stack(maps)
 
     def evidence_maps(self, attn: SampleAttention, classes: list[ClassSpec], hw: tuple[int, int]) -> torch.Tensor:
         """Each class's normalised cross-attention at the seed side (step 1 before squaring), upsampled: (K, H, W)."""
