@@ -71,6 +71,13 @@ def test_training_command_runs_a_few_steps_and_saves_a_loadable_pipeline(tmp_pat
     for a, b in zip(pipe.vae.state_dict().values(), reloaded.vae.state_dict().values()):
         assert torch.equal(a, b)
 
+    # and a third continues from the second's UNet and text encoder (their architecture comes along)
+    third = tmp_path / "m3"
+    main(["--out", str(third), "--steps", "1", "--scenes", "64", "--batch", "4", "--vae-from", str(again),
+          "--init-from", str(again)])
+    summary = json.loads((third / "training_summary.json").read_text())
+    assert summary["init_from"] == str(again) and summary["text_layers"] == 0
+
 
 # --- bench-masks: variants files and per-window capture ------------------------------------------
 

@@ -92,7 +92,7 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
 def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 16000, batch: int = 32,
           lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
           data_cache: str | None = None, workers: int = 2, text_layers: int = 2,
-          vae_from: str | None = None) -> dict:
+          vae_from: str | None = None, init_from: str | None = None) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
     torch.manual_seed(seed)
@@ -122,6 +122,13 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
 
     vae, text_encoder, unet = build_models(text_layers)
     tokenizer = clip_tokenizer()
+    if init_from:  # continue from a saved pipeline's UNet and text encoder (e.g. at a lower rate)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder", dtype=torch.float32)
+        log({"stage": "init", "loaded_from": str(init_from)})
     if vae_from:  # reuse a trained VAE (its own folder or a pipeline's vae/ subfolder): stage 1 skipped
         from diffusers import AutoencoderKL
 
@@ -187,7 +194,7 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     trainable.eval()
     save("final")
     summary = {"steps": steps, "vae_steps": 0 if vae_from else vae_steps, "vae_from": vae_from,
-               "text_layers": text_layers, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
+               "text_layers": text_encoder.config.num_hidden_layers, "init_from": init_from, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
                "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -208,11 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--text-layers", type=int, default=2, help="CLIP text transformer layers (0: embeddings only)")
     p.add_argument("--vae-from", help="a trained VAE folder (or pipeline folder): skip VAE training")
+    p.add_argument("--init-from", help="a pipeline folder: start the UNet and text encoder from its weights")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed, vae_batch=a.vae_batch,
-          data_cache=a.data_cache, workers=a.workers, text_layers=a.text_layers, vae_from=a.vae_from)
+          data_cache=a.data_cache, workers=a.workers, text_layers=a.text_layers, vae_from=a.vae_from,
+          init_from=a.init_from)
 
 
 if __name__ == "__main__":
