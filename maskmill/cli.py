@@ -96,7 +96,7 @@ def _cmd_toyworld(a) -> int:
     if a.toy == "eval":
         from .toyworld.evaluate import TARGETS, evaluate, format_report
 
-        report = evaluate(pipe, a.n)
+        report = evaluate(pipe, a.n, split=a.split)
         print(format_report(report))
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=1))
@@ -159,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         te.add_argument("--model", default="shapes-sd")
         te.add_argument("--n", type=int, default=64)
         te.add_argument("--json", type=Path)
+        te.add_argument("--split", choices=["eval", "tune"], default="eval",
+                        help="eval: held-out captions (reported figures); tune: trained captions, other seeds")
         if name == "bench-masks":
             te.add_argument("--methods", help="comma-separated extractor names")
             te.add_argument("--variants", type=Path,
                             help="YAML {label: {extractor: NAME, params: {...}}}: score these instead of --methods")
-            te.add_argument("--split", choices=["eval", "tune"], default="eval",
-                            help="eval: held-out captions (reported figures); tune: trained captions, other seeds")
     to = tsub.add_parser("bench-ovdiff", help="OVDiff banks from generated support, mIoU on rendered scenes")
     to.add_argument("--model", default="shapes-sd")
     to.add_argument("--n-support", type=int, default=32)

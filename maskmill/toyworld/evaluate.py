@@ -146,9 +146,9 @@ def grouping_scores(self_attn: torch.Tensor, labels: np.ndarray) -> tuple[list[f
     return aucs, ratios
 
 
-def evaluate(pipe, n: int = 64, batch: int = 16) -> dict:
-    """All figures of `maskmill toyworld eval` as a dict."""
-    items = eval_items(n)
+def evaluate(pipe, n: int = 64, batch: int = 16, split: str = "eval") -> dict:
+    """All figures of `maskmill toyworld eval` as a dict (split: see `eval_items`)."""
+    items = eval_items(n, split)
     capture = CaptureConfig(per_layer_self=True)
     images, attns = generate_items(pipe, items, capture, batch)
     colour, shape, whole, ious = [], [], [], []
@@ -172,6 +172,7 @@ def evaluate(pipe, n: int = 64, batch: int = 16) -> dict:
     seed_layers = [n for n, s in side_of.items() if s == SEED_SIDE]
     return {
         "images": n,
+        "split": split,
         "colour_accuracy": _mean(colour),
         "shape_accuracy": _mean(shape),
         "whole_image_accuracy": _mean(whole),
@@ -195,7 +196,8 @@ TARGETS = {"shape_accuracy": 0.90, "colour_accuracy": 0.95, "seed_cross_attentio
 
 
 def format_report(r: dict) -> str:
-    lines = [f"shapes-world evaluation on {r['images']} generated images (half held-out multi-object captions)",
+    captions = "held-out" if r.get("split", "eval") == "eval" else "TUNE split: trained, other seeds,"
+    lines = [f"shapes-world evaluation on {r['images']} generated images (half {captions} multi-object captions)",
              f"{'figure':34s} {'value':>8s} {'target':>8s}"]
     for key, target in TARGETS.items():
         mark = "ok" if r[key] >= target else "MISSED"
