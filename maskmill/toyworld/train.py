@@ -1,8 +1,12 @@
 """Train the micro Stable Diffusion on the shapes world.
 
-    # the committed model (~55 min on 2 idle CPU cores; the npz caches the rendered scenes):
-    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 7500 --vae-steps 1500 \
-        --vae-batch 32 --batch 40 --scenes 16000 --threads 2 --workers 2 --data-cache /tmp/shapes_train.npz
+    # the committed model, on 2 idle CPU cores (the npz caches the rendered scenes; model card):
+    # 1. a VAE (1,500 steps, 8 min; this run's 2-layer UNet was stopped at step 4,000 and not kept)
+    python -m maskmill.toyworld.train --out /tmp/v2 --steps 4000 --vae-steps 1500 --vae-batch 32 \
+        --batch 40 --threads 2 --workers 2 --data-cache /tmp/shapes_train.npz
+    # 2. UNet + embeddings-only text encoder on that VAE (7,000 steps, 44 min)
+    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 7000 --batch 40 \
+        --text-layers 0 --vae-from /tmp/v2 --threads 2 --workers 2 --data-cache /tmp/shapes_train.npz
     python -m maskmill.toyworld.train --out /tmp/m --steps 5 --vae-steps 5 --scenes 64   # smoke test
 
 Stage 1 trains the VAE on textured scenes (a VAE that never saw stripes erases them,
