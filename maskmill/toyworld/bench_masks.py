@@ -96,8 +96,10 @@ def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int
     # recorded steps: capture never changes the images, so every window scores the same images.
     wanted = {label: e.capture_config(pipe.unet, latent_hw(pipe, 32, 32)) for label, e in extractors.items()
               if callable(getattr(e, "capture_config", None))}
-    windows = sorted({w.steps for w in wanted.values()} | {(0.0, 1.0)})
-    captures = {w: CaptureConfig(steps=w) for w in windows}
+    windows = {w.steps for w in wanted.values()}
+    if len(wanted) < len(extractors):  # extractors without a capture config read everything, every step
+        windows.add((0.0, 1.0))
+    captures = {w: CaptureConfig(steps=w) for w in sorted(windows)}
     for w in wanted.values():
         captures[w.steps].feature_modules.update(w.feature_modules)
     items = eval_items(n, split)

@@ -97,12 +97,16 @@ class CachedFeatures(FeatureExtractor):
         return torch.stack([self._cache[k] for k in keys])
 
 
-def rendered_test_set(n: int, seed: int = TEST_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """n rendered scenes: images uint8 (n, 32, 32, 3) and labels uint8 (n, 32, 32) (0 bg, 1 + SHAPES index)."""
+def rendered_test_set(n: int, seed: int = TEST_SEED, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """n rendered scenes: images uint8 (n, 32, 32, 3) and labels uint8 (n, 32, 32) (0 bg, 1 + SHAPES index).
+
+    transform: optional Scene -> Scene applied before rendering (the colour-coded control)."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for _ in range(n):
         scene = sample_scene(rng)
+        if transform is not None:
+            scene = transform(scene)
         image, inst = render(scene)
         lab = np.zeros(inst.shape, np.uint8)
         for j, obj in enumerate(scene.objects):
@@ -194,17 +198,8 @@ def colour_coded_control(features: FeatureExtractor, s: "BenchSettings") -> dict
                          np.stack([i == 0 for _, i in rendered]), [f"control-{c}-{i}" for i in range(len(rendered))])
         banks.append(bank_from_support(sup, features, k_parts=s.k_parts, seed=s.seed,
                                        fg_min_fraction=s.fg_min_fraction, bg_min_fraction=s.bg_min_fraction))
-    rng = np.random.default_rng(TEST_SEED + 1)
-    images, labels = [], []
-    for _ in range(s.n_test):
-        scene = recoloured(sample_scene(rng))
-        image, inst = render(scene)
-        lab = np.zeros(inst.shape, np.uint8)
-        for j, obj in enumerate(scene.objects):
-            lab[inst == j + 1] = SHAPES.index(obj.shape) + 1
-        images.append(image)
-        labels.append(lab)
-    table, _ = evaluate_bank(features, merge_banks(banks), np.stack(images), np.stack(labels), s)
+    images, labels = rendered_test_set(s.n_test, TEST_SEED + 1, transform=recoloured)
+    table, _ = evaluate_bank(features, merge_banks(banks), images, labels, s)
     return table
 
 
