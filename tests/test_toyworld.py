@@ -78,6 +78,16 @@ def test_training_command_runs_a_few_steps_and_saves_a_loadable_pipeline(tmp_pat
     summary = json.loads((third / "training_summary.json").read_text())
     assert summary["init_from"] == str(again) and summary["text_layers"] == 0
 
+    # a fourth grows a text layer and trains with the grounding loss (labels come from the renderer)
+    fourth = tmp_path / "m4"
+    main(["--out", str(fourth), "--steps", "2", "--scenes", "64", "--batch", "4", "--vae-from", str(again),
+          "--init-from", str(again), "--text-layers", "1", "--grounding", "0.1"])
+    summary = json.loads((fourth / "training_summary.json").read_text())
+    assert summary["text_layers"] == 1 and summary["grounding_weight"] == 0.1
+    steps = [r for r in json.loads((fourth / "training_log.json").read_text())["history"] if r["stage"] == "unet"]
+    assert all(0.0 < r["token_loss"] <= 1.0 for r in steps)
+    assert load_pipeline(str(fourth)).text_encoder.config.num_hidden_layers == 1
+
 
 # --- bench-masks: variants files and per-window capture ------------------------------------------
 
@@ -132,6 +142,8 @@ def test_eval_reports_every_figure_in_range_on_a_random_micro_model():
     assert set(report["word_cross_attention_iou"]) == {"colour", "shape"}
     assert sorted(set(report["layer_sides"].values())) == [8, 16]
     assert all(0.0 <= a <= 1.0 for a in report["grouping_auc"].values())
+    assert sorted(report["grouping_auc_per_side"]) == [8, 16]
+    assert report["grouping_auc_seediff_maps"] == min(report["grouping_auc_per_side"].values())
     text = format_report(report)
     assert "seed_cross_attention_iou" in text and "colour word cross-attention IoU" in text
 

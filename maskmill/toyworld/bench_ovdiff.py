@@ -53,6 +53,15 @@ class BenchSettings:
     min_area: float | None = None
     max_area: float | None = None
     max_tries_factor: float | None = None
+    # OVDiff features and prototypes
+    timestep: int = 200
+    layers: list[str] | None = None  # None: every decoder cross-attention (OVDiff)
+    feature_size: int | None = None  # None: the image's own size (32 px -> 16x16 features on the micro SD)
+    fg_min_fraction: float = 0.5
+    bg_min_fraction: float = 0.5
+    confusing_bg_threshold: float | None = 0.85
+    refine: bool = False  # also report full + PAMR refinement
+    diagnostics: bool = True  # also banks from oracle support masks (see `diagnostic_supports`)
 
     def resolved(self) -> "BenchSettings":
         from ..prototypes.support import support_defaults
@@ -64,14 +73,6 @@ class BenchSettings:
             if getattr(out, k) is None:
                 setattr(out, k, d[k])
         return out
-    timestep: int = 200
-    layers: list[str] | None = None  # None: every decoder cross-attention (OVDiff)
-    feature_size: int | None = None  # None: the image's own size (32 px -> 16x16 features on the micro SD)
-    fg_min_fraction: float = 0.5
-    bg_min_fraction: float = 0.5
-    confusing_bg_threshold: float | None = 0.85
-    refine: bool = False  # also report full + PAMR refinement
-    diagnostics: bool = True  # also banks from oracle support masks (see `diagnostic_supports`)
 
 
 class CachedFeatures(FeatureExtractor):

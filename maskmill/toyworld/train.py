@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import grounding
 from .build import build_models, build_pipeline, clip_tokenizer
 from .render import is_held_out, render, sample_scene
 
@@ -34,21 +35,25 @@ from .render import is_held_out, render, sample_scene
 CHUNK = 1000
 
 
-def _render_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+def _render_chunk(args: tuple[int, int, int]) -> dict:
     seed, chunk, n = args
     rng = np.random.default_rng([seed, chunk])
-    images, captions = [], []
+    images, labels, captions, phrases = [], [], [], []
     while len(images) < n:
         scene = sample_scene(rng)
         if is_held_out(scene.objects):
             continue
-        images.append(render(scene)[0])
+        image, label = render(scene)
+        images.append(image)
+        labels.append(label.astype(np.uint8))
         captions.append(scene.caption)
-    return np.stack(images), captions
+        phrases.append("|".join(o.phrase for o in scene.objects))  # object k has label k + 1
+    return {"images": np.stack(images), "labels": np.stack(labels), "captions": captions, "phrases": phrases}
 
 
-def render_training_set(n: int, seed: int, workers: int = 2) -> tuple[np.ndarray, list[str]]:
-    """n scenes (uint8 N x 32 x 32 x 3) and captions, skipping held-out captions.
+def render_training_set(n: int, seed: int, workers: int = 2) -> dict[str, np.ndarray]:
+    """n scenes skipping held-out captions: images (uint8 N x 32 x 32 x 3), label maps (N x 32 x 32),
+    captions, and each scene's object phrases joined by "|" in label order.
 
     Rendered in chunks seeded by (seed, chunk index), so the set does not depend on `workers`.
     """
@@ -57,7 +62,43 @@ def render_training_set(n: int, seed: int, workers: int = 2) -> tuple[np.ndarray
     jobs = [(seed, c, min(CHUNK, n - c * CHUNK)) for c in range((n + CHUNK - 1) // CHUNK)]
     with Pool(workers) as pool:
         parts = pool.map(_render_chunk, jobs)
-    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+    data = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "labels")}
+    data.update({k: np.array([x for p in parts for x in p[k]]) for k in ("captions", "phrases")})
+    return data
+
+
+DATA_KEYS = ("images", "labels", "captions", "phrases")
+
+
+def load_training_set(scenes: int, seed: int, workers: int, cache: Path | None) -> dict[str, np.ndarray]:
+    """The rendered set, from the npz cache when it holds every key (older caches lack labels)."""
+    if cache is not None and cache.exists():
+        with np.load(cache) as d:
+            if all(k in d for k in DATA_KEYS):
+                return {k: d[k] for k in DATA_KEYS}
+    data = render_training_set(scenes, seed, workers)
+    if cache is not None:
+        np.savez(cache, **data)
+    return data
+
+
+def grow_text_layers(text_encoder, layers: int | None):
+    """Append transformer layers whose residual branches output zero, so the encoder computes
+    exactly what it did and training grows the new layers from there."""
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    have = text_encoder.config.num_hidden_layers
+    layers = have if layers is None else layers
+    if layers < have:
+        raise ValueError(f"--text-layers {layers} is fewer than the {have} layers of the --init-from text encoder")
+    for _ in range(layers - have):
+        layer = CLIPEncoderLayer(text_encoder.config)
+        for proj in (layer.self_attn.out_proj, layer.mlp.fc2):
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
+        getattr(text_encoder, "text_model", text_encoder).encoder.layers.append(layer)  # transformers 4 vs 5
+    text_encoder.config.num_hidden_layers = layers
+    return text_encoder
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -95,8 +136,9 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
 
 def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 16000, batch: int = 32,
           lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
-          data_cache: str | None = None, workers: int = 2, text_layers: int = 2,
-          vae_from: str | None = None, init_from: str | None = None) -> dict:
+          data_cache: str | None = None, workers: int = 2, text_layers: int | None = None,
+          vae_from: str | None = None, init_from: str | None = None, grounding_weight: float = 0.0,
+          pixel_weight: float = 0.0) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
     torch.manual_seed(seed)
@@ -111,28 +153,25 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
         history.append(rec)
         print(json.dumps(rec), flush=True)
 
-    cache = Path(data_cache) if data_cache else None
-    if cache is not None and cache.exists():
-        with np.load(cache) as d:
-            images_np, captions = d["images"], [str(c) for c in d["captions"]]
-    else:
-        images_np, captions = render_training_set(scenes, seed, workers)
-        if cache is not None:
-            np.savez(cache, images=images_np, captions=np.array(captions))
-    images = _to_tensor(images_np)
+    data = load_training_set(scenes, seed, workers, Path(data_cache) if data_cache else None)
+    images = _to_tensor(data["images"])
     images = torch.cat([images, images.flip(-1)])  # all four shapes are mirror-symmetric
-    captions = captions + captions
-    log({"stage": "data", "scenes": len(images_np)})
+    labels = torch.from_numpy(data["labels"]).long()
+    labels = torch.cat([labels, labels.flip(-1)])
+    captions = [str(c) for c in data["captions"]] * 2
+    phrases = [str(p).split("|") for p in data["phrases"]] * 2
+    log({"stage": "data", "scenes": len(data["images"])})
 
-    vae, text_encoder, unet = build_models(text_layers)
+    vae, text_encoder, unet = build_models(2 if text_layers is None else text_layers)
     tokenizer = clip_tokenizer()
     if init_from:  # continue from a saved pipeline's UNet and text encoder (e.g. at a lower rate)
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         unet = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder", dtype=torch.float32)
-        log({"stage": "init", "loaded_from": str(init_from)})
+        text_encoder = grow_text_layers(
+            CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder", dtype=torch.float32), text_layers)
+        log({"stage": "init", "loaded_from": str(init_from), "text_layers": text_encoder.config.num_hidden_layers})
     if vae_from:  # reuse a trained VAE (its own folder or a pipeline's vae/ subfolder): stage 1 skipped
         from diffusers import AutoencoderKL
 
@@ -146,6 +185,8 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     vae.register_to_config(scaling_factor=scaling)
     log({"stage": "latents", "scaling_factor": scaling})
 
+    grounded = bool(grounding_weight or pixel_weight)
+    positions = grounding.object_token_positions(tokenizer, captions, phrases) if grounded else None
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
@@ -157,6 +198,9 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / max(steps, 1))))
     g = torch.Generator().manual_seed(seed + 1)
+    probs: list[torch.Tensor] = []
+    if grounded:  # after the EMA copy, which keeps diffusers' default processors
+        grounding.install(unet, probs)
 
     def save(tag: str) -> None:
         ema_unet, ema_text = ema["unet"], ema["text_encoder"]
@@ -180,8 +224,15 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         cond = text_encoder(cap)[0]
+        probs.clear()
         pred = unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        mse = F.mse_loss(pred, noise)
+        token = pixel = torch.zeros(())
+        if grounding_weight:
+            token = grounding.token_loss(probs, labels[idx], positions[idx], ~drop)
+        if pixel_weight:
+            pixel = grounding.pixel_loss(probs, labels[idx], positions[idx], ~drop)
+        loss = mse + grounding_weight * token + pixel_weight * pixel
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
@@ -192,13 +243,16 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
             for pe, p in zip(ema.parameters(), trainable.parameters()):
                 pe.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
-            log({"stage": "unet", "step": step, "loss": float(loss), "lr": sched.get_last_lr()[0]})
+            log({"stage": "unet", "step": step, "loss": mse.item(), "token_loss": token.item(),
+                 "pixel_loss": pixel.item(),
+                 "lr": sched.get_last_lr()[0]})
         if checkpoint_every and step and step % checkpoint_every == 0:
             save(f"step {step}")
     trainable.eval()
     save("final")
     summary = {"steps": steps, "vae_steps": 0 if vae_from else vae_steps, "vae_from": vae_from,
-               "text_layers": text_encoder.config.num_hidden_layers, "init_from": init_from, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
+               "text_layers": text_encoder.config.num_hidden_layers, "init_from": init_from,
+               "grounding_weight": grounding_weight, "pixel_weight": pixel_weight, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
                "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -217,15 +271,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-cache", help="npz file: rendered scenes are loaded from it, or saved to it")
     p.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--text-layers", type=int, default=2, help="CLIP text transformer layers (0: embeddings only)")
+    p.add_argument("--text-layers", type=int, help="CLIP text transformer layers (0: embeddings only; "
+                   "default 2, or with --init-from that model's own)")
     p.add_argument("--vae-from", help="a trained VAE folder (or pipeline folder): skip VAE training")
-    p.add_argument("--init-from", help="a pipeline folder: start the UNet and text encoder from its weights")
+    p.add_argument("--init-from", help="a pipeline folder: start the UNet and text encoder from its weights "
+                   "(text layers beyond its own start as identities)")
+    p.add_argument("--grounding", type=float, default=0.0,
+                   help="weight of the cross-attention token grounding loss (grounding.py; 0 = off)")
+    p.add_argument("--grounding-pixel", type=float, default=0.0,
+                   help="weight of the per-pixel grounding loss (grounding.py; 0 = off)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed, vae_batch=a.vae_batch,
           data_cache=a.data_cache, workers=a.workers, text_layers=a.text_layers, vae_from=a.vae_from,
-          init_from=a.init_from)
+          init_from=a.init_from, grounding_weight=a.grounding,
+          pixel_weight=a.grounding_pixel)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""A grounding loss on cross-attention, for training the micro model (TokenCompose-style).
+
+Real SD learned from billions of captions that a noun's token should be read where the noun is
+drawn; a 2-core CPU run on 16k scenes does not get there by itself (model card). TokenCompose
+(Wang et al., CVPR 2024) fine-tunes SD with a token loss that pushes each object token's
+cross-attention mass inside the object's mask, which also improved multi-object composition.
+We add that term while training on rendered scenes, whose masks are exact:
+
+    L_token = mean over (object, token of its phrase, cross-attention layer) of (1 - mass inside)^2
+
+The token loss alone is met by a peak at the object's centre (mass share 0.84 but IoU 0.30 at
+half the peak, measured), so the pixel loss asks every pixel of the object to read its phrase:
+
+    L_pixel = balanced BCE between a pixel's attention share on the phrase's tokens and the mask
+              (inside and outside pixels weigh half each)
+
+Only cross-attention is supervised; self-attention grouping stays whatever the model learns.
+The probabilities are kept by a processor installed with `set_attn_processor` (diffusers'
+way of changing attention), with gradients, during training only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from ..tokens import phrase_token_indices
+
+MAX_OBJECTS = 3
+TOKENS_PER_PHRASE = 2  # "<colour> <shape>": one CLIP token each
+
+
+class GroundingProcessor(AttnProcessor):
+    """diffusers' plain attention, which computes the probabilities explicitly; appends them,
+    averaged over heads as (batch, pixels, tokens), to `store`."""
+
+    def __init__(self, store: list[torch.Tensor]):
+        super().__init__()
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch, pixels = hidden_states.shape[0], hidden_states.shape[1]
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        self.store.append(probs.view(batch, attn.heads, pixels, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install(unet, store: list[torch.Tensor]) -> None:
+    """Grounding processors on every cross-attention (attn2), SDPA on self-attention."""
+    unet.set_attn_processor({name: GroundingProcessor(store) if ".attn2." in name else AttnProcessor2_0()
+                             for name in unet.attn_processors})
+
+
+def object_token_positions(tokenizer, captions: list[str], phrases: list[list[str]]) -> torch.Tensor:
+    """(N, MAX_OBJECTS, TOKENS_PER_PHRASE) token positions of each object's phrase; -1 where no object.
+
+    Object k of caption i is phrases[i][k] and has label k + 1 in the rendered label map.
+    """
+    out = torch.full((len(captions), MAX_OBJECTS, TOKENS_PER_PHRASE), -1, dtype=torch.long)
+    memo: dict[tuple[str, str], tuple[int, ...]] = {}
+    for i, (caption, objs) in enumerate(zip(captions, phrases)):
+        for k, phrase in enumerate(objs):
+            key = (caption, phrase)
+            if key not in memo:
+                memo[key] = phrase_token_indices(tokenizer, caption, phrase)
+            idx = memo[key]
+            if len(idx) != TOKENS_PER_PHRASE:
+                raise ValueError(f"phrase {phrase!r} in {caption!r} is not {TOKENS_PER_PHRASE} tokens: {idx}")
+            out[i, k] = torch.tensor(idx)
+    return out
+
+
+def object_masks(labels: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, H, W) label maps -> (B, side*side, MAX_OBJECTS) fraction of each cell covered by object k."""
+    one_hot = torch.stack([(labels == k + 1).float() for k in range(MAX_OBJECTS)], 1)
+    return F.adaptive_avg_pool2d(one_hot, side).flatten(2).transpose(1, 2)
+
+
+def token_loss(store: list[torch.Tensor], labels: torch.Tensor, positions: torch.Tensor,
+               keep: torch.Tensor) -> torch.Tensor:
+    """Mean (1 - share of the token's attention inside its object)^2 over objects, tokens and layers.
+
+    labels (B, H, W); positions (B, MAX_OBJECTS, TOKENS_PER_PHRASE), -1 = none; keep (B,) bool:
+    rows whose caption was dropped (classifier-free guidance) have no tokens to ground.
+    """
+    valid = (positions >= 0) & keep.view(-1, 1, 1)
+    flat = positions.clamp(min=0).flatten(1)  # (B, K*T)
+    losses = []
+    for probs in store:
+        side = int(round(probs.shape[1] ** 0.5))
+        masks = object_masks(labels, side).repeat_interleave(TOKENS_PER_PHRASE, dim=2)  # (B, HW, K*T)
+        attn = probs.gather(2, flat.unsqueeze(1).expand(-1, probs.shape[1], -1))  # (B, HW, K*T)
+        inside = (attn * masks).sum(1) / attn.sum(1).clamp_min(1e-8)
+        losses.append((1 - inside) ** 2)
+    per = torch.stack(losses).mean(0).view_as(valid)
+    return (per * valid).sum() / valid.sum().clamp_min(1)
+
+
+def pixel_loss(store: list[torch.Tensor], labels: torch.Tensor, positions: torch.Tensor,
+               keep: torch.Tensor) -> torch.Tensor:
+    """Balanced BCE: each pixel's attention share on object k's phrase tokens vs k's mask.
+
+    Arguments as `token_loss`. A pixel's share is a probability (softmax over tokens), so inside
+    pixels are asked to read the phrase and every other pixel to read anything else.
+    """
+    valid = ((positions[..., 0] >= 0) & keep.view(-1, 1)).float()  # (B, K)
+    flat = positions.clamp(min=0).flatten(1)
+    losses = []
+    for probs in store:
+        side = int(round(probs.shape[1] ** 0.5))
+        inside = object_masks(labels, side)  # (B, HW, K)
+        share = probs.gather(2, flat.unsqueeze(1).expand(-1, probs.shape[1], -1))
+        share = share.view(*share.shape[:2], MAX_OBJECTS, TOKENS_PER_PHRASE).sum(-1).clamp(1e-6, 1 - 1e-6)
+        on = -(inside * share.log()).sum(1) / inside.sum(1).clamp_min(1e-6)
+        off = -((1 - inside) * (1 - share).log()).sum(1) / (1 - inside).sum(1).clamp_min(1e-6)
+        losses.append(0.5 * (on + off))  # (B, K)
+    per = torch.stack(losses).mean(0)
+    return (per * valid).sum() / valid.sum().clamp_min(1)
