@@ -162,3 +162,16 @@ def test_the_tune_split_never_uses_held_out_captions_and_eval_uses_only_those():
     assert {it.seed for it in tune}.isdisjoint(it.seed for it in evaluation)
     with pytest.raises(ValueError, match="unknown split 'test'"):
         eval_items(4, "test")
+
+
+# --- bench-ovdiff: splits of rendered scenes ------------------------------------------------------
+
+def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_refused_first():
+    from maskmill.toyworld import bench_ovdiff
+
+    test_images, test_labels = bench_ovdiff.rendered_test_set(8, bench_ovdiff.SCENE_SEEDS["test"])
+    tune_images, _ = bench_ovdiff.rendered_test_set(8, bench_ovdiff.SCENE_SEEDS["tune"])
+    assert not any(np.array_equal(a, b) for a in test_images for b in tune_images)
+    assert set(np.unique(test_labels)) <= set(range(len(bench_ovdiff.CLASS_NAMES)))
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        bench_ovdiff.run(None, bench_ovdiff.BenchSettings(split="holdout"))  # before touching the pipeline

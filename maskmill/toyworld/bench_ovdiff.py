@@ -32,6 +32,9 @@ from .render import IMAGE_SIZE, SHAPES, render, sample_scene
 
 TARGET_FULL = 0.80
 TEST_SEED = 20261123
+# Rendered scenes per split: "test" for every reported figure, "tune" for choosing feature
+# settings without looking at the test scenes.
+SCENE_SEEDS = {"test": TEST_SEED, "tune": 11}
 CLASS_NAMES = ["background", *SHAPES]
 
 
@@ -62,6 +65,7 @@ class BenchSettings:
     confusing_bg_threshold: float | None = 0.85
     refine: bool = False  # also report full + PAMR refinement
     diagnostics: bool = True  # also banks from oracle support masks (see `diagnostic_supports`)
+    split: str = "test"  # which rendered scenes are segmented (SCENE_SEEDS)
 
     def resolved(self) -> "BenchSettings":
         from ..prototypes.support import support_defaults
@@ -266,6 +270,8 @@ def evaluate_bank(extractor: FeatureExtractor, bank: PrototypeBank, images: np.n
 def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd", log=print) -> dict:
     """Everything `bench-ovdiff` prints, as a dict."""
     s = (settings or BenchSettings()).resolved()
+    if s.split not in SCENE_SEEDS:
+        raise ValueError(f"unknown split {s.split!r}; choose one of: {', '.join(SCENE_SEEDS)}")
     features = SDQueryFeatures(pipe, layers=s.layers, timestep=s.timestep, size=s.feature_size, model_id=model_id)
     fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **vars(s)})
     supports, banks, per_class = [], [], {}
@@ -316,7 +322,7 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
              "speedup": gen_total / max(read_total, 1e-9), "write_seconds_not_counted": write_s,
              "identical_support": same, "read_per_class": read}
 
-    images, labels = rendered_test_set(s.n_test)
+    images, labels = rendered_test_set(s.n_test, SCENE_SEEDS[s.split])
     cached = CachedFeatures(features)
     variants = {"full": {}, "no background prototypes": {"use_background": False},
                 "no parts": {"use_parts": False}, "no instance prototypes": {"use_instances": False}}
@@ -360,7 +366,7 @@ def format_report(r: dict) -> str:
     s = r["settings"]
     lines = [f"OVDiff on the shapes world: banks from {s['n_support']} generated support images per class "
              f"(\"a {{colour}} {{class}}\", {s['extractor']} {s['extractor_params']} masks, K = {s['k_parts']} parts, t = {s['timestep']}), "
-             f"{r['bank_prototypes']} prototypes; {s['n_test']} rendered test scenes (exact truth); "
+             f"{r['bank_prototypes']} prototypes; {s['n_test']} rendered {s.get('split', 'test').upper()} scenes (exact truth); "
              f"features {r['feature_grid'][0]}x{r['feature_grid'][1]} for {r['image_size']} px images",
              "| variant | mIoU | " + " | ".join(r["classes"]) + " | pixel acc |",
              "|---" * (len(r["classes"]) + 3) + "|"]
@@ -421,7 +427,8 @@ def main_args(a) -> int:
                              timestep=getattr(a, "timestep", 200), feature_size=getattr(a, "feature_size", None),
                              layers=a.layers.split(",") if getattr(a, "layers", None) else None,
                              refine=bool(getattr(a, "refine", False)),
-                             diagnostics=not getattr(a, "no_diagnostics", False))
+                             diagnostics=not getattr(a, "no_diagnostics", False),
+                             split=getattr(a, "split", "test"))
     pipe = load_pipeline(a.model)
     note = checkpoint_note(a.model)
     if note:
