@@ -13,6 +13,8 @@ def test_object_token_positions_follow_the_caption_and_pad_with_minus_one():
         tok, ["a red circle and a blue square", "a green star"], [["red circle", "blue square"], ["green star"]])
     assert pos[0].tolist() == [[2, 3], [6, 7], [-1, -1]]  # BOS at 0, "a" at 1
     assert pos[1].tolist() == [[2, 3], [-1, -1], [-1, -1]]
+    bare = grounding.object_token_positions(tok, ["a circle, a square and a star"], [["circle", "square", "star"]])
+    assert bare[0].tolist() == [[2, -1], [5, -1], [8, -1]]  # colour dropout: the shape word alone
 
 
 def _one_token_attention(inside: bool, side: int = 8) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -55,6 +57,13 @@ def test_pixel_loss_asks_every_object_pixel_to_read_its_phrase():
                            [(0.99, 0.01), (0.2, 0.01), (0.01, 0.99)])
     assert good < 0.05 < peaked < wrong
     assert grounding.pixel_loss(probs(0.01, 0.99), labels, pos, torch.tensor([False])) == 0
+    # a phrase of one token (no colour word): the empty slot must not read BOS's attention as the phrase's
+    shape_only = torch.tensor([[[3, -1], [-1, -1], [-1, -1]]])
+    p = probs(0.0, 0.0)[0]
+    p[0, obj, 3], p[0, obj, 0] = 0.99, 0.01
+    assert grounding.pixel_loss([p], labels, shape_only, keep) < 0.05
+    p[0, obj, 3], p[0, obj, 0] = 0.0, 1.0
+    assert grounding.pixel_loss([p], labels, shape_only, keep) > 2.0
 
 
 def test_grounding_processor_changes_nothing_but_keeps_the_probabilities():

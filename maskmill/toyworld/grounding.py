@@ -56,7 +56,8 @@ def install(unet, store: list[torch.Tensor]) -> None:
 
 
 def object_token_positions(tokenizer, captions: list[str], phrases: list[list[str]]) -> torch.Tensor:
-    """(N, MAX_OBJECTS, TOKENS_PER_PHRASE) token positions of each object's phrase; -1 where no object.
+    """(N, MAX_OBJECTS, TOKENS_PER_PHRASE) token positions of each object's phrase; -1 where no object
+    (and after a phrase's last token when it has fewer: a shape without its colour).
 
     Object k of caption i is phrases[i][k] and has label k + 1 in the rendered label map.
     """
@@ -68,9 +69,9 @@ def object_token_positions(tokenizer, captions: list[str], phrases: list[list[st
             if key not in memo:
                 memo[key] = phrase_token_indices(tokenizer, caption, phrase)
             idx = memo[key]
-            if len(idx) != TOKENS_PER_PHRASE:
-                raise ValueError(f"phrase {phrase!r} in {caption!r} is not {TOKENS_PER_PHRASE} tokens: {idx}")
-            out[i, k] = torch.tensor(idx)
+            if len(idx) > TOKENS_PER_PHRASE:
+                raise ValueError(f"phrase {phrase!r} in {caption!r} has more than {TOKENS_PER_PHRASE} tokens: {idx}")
+            out[i, k, : len(idx)] = torch.tensor(idx)
     return out
 
 
@@ -109,11 +110,12 @@ def pixel_loss(store: list[torch.Tensor], labels: torch.Tensor, positions: torch
     """
     valid = ((positions[..., 0] >= 0) & keep.view(-1, 1)).float()  # (B, K)
     flat = positions.clamp(min=0).flatten(1)
+    present = (positions >= 0).flatten(1).unsqueeze(1).float()  # (B, 1, K*T): -1 slots add nothing
     losses = []
     for probs in store:
         side = int(round(probs.shape[1] ** 0.5))
         inside = object_masks(labels, side)  # (B, HW, K)
-        share = probs.gather(2, flat.unsqueeze(1).expand(-1, probs.shape[1], -1))
+        share = probs.gather(2, flat.unsqueeze(1).expand(-1, probs.shape[1], -1)) * present
         share = share.view(*share.shape[:2], MAX_OBJECTS, TOKENS_PER_PHRASE).sum(-1).clamp(1e-6, 1 - 1e-6)
         on = -(inside * share.log()).sum(1) / inside.sum(1).clamp_min(1e-6)
         off = -((1 - inside) * (1 - share).log()).sum(1) / (1 - inside).sum(1).clamp_min(1e-6)

@@ -57,10 +57,15 @@ class Scene:
 
 
 def caption_for(objects: list[ShapeObject]) -> str:
-    phrases = [f"a {o.phrase}" for o in objects]
-    if len(phrases) == 1:
-        return phrases[0]
-    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return join_phrases([o.phrase for o in objects])
+
+
+def join_phrases(phrases: list[str]) -> str:
+    """["red circle", "blue star"] -> "a red circle and a blue star" (three: "a, b and c")."""
+    items = [f"a {p}" for p in phrases]
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def canonical_key(objects: list[ShapeObject]) -> str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import grounding
 from .build import build_models, build_pipeline, clip_tokenizer
-from .render import is_held_out, render, sample_scene
+from .render import is_held_out, join_phrases, render, sample_scene
 
 
 CHUNK = 1000
@@ -138,7 +138,7 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
           lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
           data_cache: str | None = None, workers: int = 2, text_layers: int | None = None,
           vae_from: str | None = None, init_from: str | None = None, grounding_weight: float = 0.0,
-          pixel_weight: float = 0.0) -> dict:
+          pixel_weight: float = 0.0, colour_dropout: float = 0.0) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
     torch.manual_seed(seed)
@@ -186,8 +186,17 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     log({"stage": "latents", "scaling_factor": scaling})
 
     grounded = bool(grounding_weight or pixel_weight)
-    positions = grounding.object_token_positions(tokenizer, captions, phrases) if grounded else None
+    # Colourless twins ("a circle and a square"): colours are distinct within a scene, so without
+    # them a pixel could find its phrase by colour alone and shape would never need to be seen.
+    shapes_only = [[p.split()[-1] for p in objs] for objs in phrases]
+    bare = [join_phrases(objs) for objs in shapes_only]
+    positions = bare_positions = None
+    if grounded:
+        positions = grounding.object_token_positions(tokenizer, captions, phrases)
+        bare_positions = grounding.object_token_positions(tokenizer, bare, shapes_only) if colour_dropout else None
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    bare_ids = tokenizer(bare, padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids if colour_dropout else None
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                 beta_start=0.00085, beta_end=0.012)
@@ -217,6 +226,12 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
         idx = torch.randint(0, len(mean), (batch,), generator=g)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
         cap = ids[idx].clone()
+        pos = positions[idx].clone() if grounded else None
+        if colour_dropout:
+            plain = torch.rand(batch, generator=g) < colour_dropout
+            cap[plain] = bare_ids[idx][plain]
+            if grounded:
+                pos[plain] = bare_positions[idx][plain]
         drop = torch.rand(batch, generator=g) < 0.1
         cap[drop] = empty_ids
         t = torch.randint(0, 1000, (batch,), generator=g)
@@ -229,9 +244,9 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
         mse = F.mse_loss(pred, noise)
         token = pixel = torch.zeros(())
         if grounding_weight:
-            token = grounding.token_loss(probs, labels[idx], positions[idx], ~drop)
+            token = grounding.token_loss(probs, labels[idx], pos, ~drop)
         if pixel_weight:
-            pixel = grounding.pixel_loss(probs, labels[idx], positions[idx], ~drop)
+            pixel = grounding.pixel_loss(probs, labels[idx], pos, ~drop)
         loss = mse + grounding_weight * token + pixel_weight * pixel
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -252,7 +267,8 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     save("final")
     summary = {"steps": steps, "vae_steps": 0 if vae_from else vae_steps, "vae_from": vae_from,
                "text_layers": text_encoder.config.num_hidden_layers, "init_from": init_from,
-               "grounding_weight": grounding_weight, "pixel_weight": pixel_weight, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
+               "grounding_weight": grounding_weight, "pixel_weight": pixel_weight,
+               "colour_dropout": colour_dropout, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
                "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -280,13 +296,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="weight of the cross-attention token grounding loss (grounding.py; 0 = off)")
     p.add_argument("--grounding-pixel", type=float, default=0.0,
                    help="weight of the per-pixel grounding loss (grounding.py; 0 = off)")
+    p.add_argument("--colour-dropout", type=float, default=0.0,
+                   help="fraction of captions trained without their colour words (\"a circle and a square\")")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed, vae_batch=a.vae_batch,
           data_cache=a.data_cache, workers=a.workers, text_layers=a.text_layers, vae_from=a.vae_from,
           init_from=a.init_from, grounding_weight=a.grounding,
-          pixel_weight=a.grounding_pixel)
+          pixel_weight=a.grounding_pixel, colour_dropout=a.colour_dropout)
 
 
 if __name__ == "__main__":
