@@ -15,6 +15,8 @@ def test_object_token_positions_follow_the_caption_and_pad_with_minus_one():
     assert pos[1].tolist() == [[2, 3], [-1, -1], [-1, -1]]
     bare = grounding.object_token_positions(tok, ["a circle, a square and a star"], [["circle", "square", "star"]])
     assert bare[0].tolist() == [[2, -1], [5, -1], [8, -1]]  # colour dropout: the shape word alone
+    same = grounding.object_token_positions(tok, ["a star, a circle and a star"], [["star", "circle", "star"]])
+    assert same[0].tolist() == [[2, -1], [5, -1], [8, -1]]  # a recurring phrase: one occurrence each
 
 
 def _one_token_attention(inside: bool, side: int = 8) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:

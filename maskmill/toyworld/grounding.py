@@ -68,10 +68,12 @@ def object_token_positions(tokenizer, captions: list[str], phrases: list[list[st
             key = (caption, phrase)
             if key not in memo:
                 memo[key] = phrase_token_indices(tokenizer, caption, phrase)
-            idx = memo[key]
-            if len(idx) > TOKENS_PER_PHRASE:
-                raise ValueError(f"phrase {phrase!r} in {caption!r} has more than {TOKENS_PER_PHRASE} tokens: {idx}")
-            out[i, k, : len(idx)] = torch.tensor(idx)
+            n = len(tokenizer(phrase, add_special_tokens=False).input_ids)
+            if n > TOKENS_PER_PHRASE:
+                raise ValueError(f"phrase {phrase!r} in {caption!r} has more than {TOKENS_PER_PHRASE} tokens")
+            # the same phrase can recur ("a star, a star and a star"): object k is its r-th occurrence
+            r = objs[:k].count(phrase)
+            out[i, k, :n] = torch.tensor(memo[key][r * n : (r + 1) * n])
     return out
 
 
