@@ -4,14 +4,20 @@
     # 1. a VAE (1,500 steps, 8 min; this run's 2-layer UNet was stopped at step 4,000 and not kept)
     python -m maskmill.toyworld.train --out /tmp/v2 --steps 4000 --vae-steps 1500 --vae-batch 32 \
         --batch 40 --threads 2 --workers 2 --data-cache /tmp/shapes_train.npz
-    # 2. UNet + embeddings-only text encoder on that VAE (7,000 steps, 44 min)
-    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 7000 --batch 40 \
+    # 2. the base: UNet + embeddings-only text encoder on that VAE (7,000 steps, 44 min)
+    python -m maskmill.toyworld.train --out /tmp/base --steps 7000 --batch 40 \
         --text-layers 0 --vae-from /tmp/v2 --threads 2 --workers 2 --data-cache /tmp/shapes_train.npz
+    # 3. grounded fine-tune: one more text layer, grounding losses, colourless captions (3,000 steps, 25 min)
+    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 3000 --batch 40 --lr 5e-4 \
+        --init-from /tmp/base --vae-from /tmp/base --text-layers 1 --grounding 0.1 --grounding-pixel 0.05 \
+        --colour-dropout 0.3 --threads 2 --workers 1 --data-cache /tmp/shapes_train.npz
     python -m maskmill.toyworld.train --out /tmp/m --steps 5 --vae-steps 5 --scenes 64   # smoke test
 
 Stage 1 trains the VAE on textured scenes (a VAE that never saw stripes erases them,
-ANCHORS §4). Stage 2 caches latents, then trains UNet + text encoder jointly with
-epsilon prediction and 10 % caption dropout (for classifier-free guidance).
+ANCHORS §4). Later stages cache latents, then train UNet + text encoder jointly with
+epsilon prediction and 10 % caption dropout (for classifier-free guidance); the grounding
+losses (`grounding.py`) use the rendered label maps. An npz cache written before label maps
+were stored is re-rendered (same scenes) on first use.
 The result is saved with `save_pretrained` as safetensors and loads through the same
 `from_pretrained` path as any SD checkpoint. Held-out captions never enter training.
 """
