@@ -31,8 +31,9 @@ TOKENS_PER_PHRASE = 2  # "<colour> <shape>": one CLIP token each
 
 
 class GroundingProcessor(AttnProcessor):
-    """diffusers' plain attention, which computes the probabilities explicitly; appends them,
-    averaged over heads as (batch, pixels, tokens), to `store`."""
+    """diffusers' plain attention (probabilities computed explicitly) for the SD UNet's transformer
+    cross-attention, which has no norm, residual or rescaling inside (`install` checks); appends the
+    probabilities, averaged over heads as (batch, pixels, tokens), to `store`."""
 
     def __init__(self, store: list[torch.Tensor]):
         super().__init__()
@@ -51,6 +52,11 @@ class GroundingProcessor(AttnProcessor):
 
 def install(unet, store: list[torch.Tensor]) -> None:
     """Grounding processors on every cross-attention (attn2), SDPA on self-attention."""
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2") and (module.group_norm is not None or module.spatial_norm is not None
+                                        or module.norm_cross or module.residual_connection
+                                        or module.rescale_output_factor != 1.0):
+            raise ValueError(f"{name}: attention with norms, residual or rescaling is not supported here")
     unet.set_attn_processor({name: GroundingProcessor(store) if ".attn2." in name else AttnProcessor2_0()
                              for name in unet.attn_processors})
 
