@@ -8,9 +8,13 @@
     python -m maskmill.toyworld.train --out /tmp/base --steps 7000 --batch 40 \
         --text-layers 0 --vae-from /tmp/v2 --threads 2 --workers 2 --data-cache /tmp/shapes_train.npz
     # 3. grounded fine-tune: one more text layer, grounding losses, colourless captions (3,000 steps, 25 min)
-    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 3000 --batch 40 --lr 5e-4 \
+    python -m maskmill.toyworld.train --out /tmp/grounded --steps 3000 --batch 40 --lr 5e-4 \
         --init-from /tmp/base --vae-from /tmp/base --text-layers 1 --grounding 0.1 --grounding-pixel 0.05 \
         --colour-dropout 0.3 --threads 2 --workers 1 --data-cache /tmp/shapes_train.npz
+    # 4. continued at a lower rate with more colourless captions (2,000 steps, 27 min on 1 thread)
+    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 2000 --batch 40 --lr 2e-4 \
+        --init-from /tmp/grounded --vae-from /tmp/grounded --grounding 0.1 --grounding-pixel 0.05 \
+        --colour-dropout 0.6 --threads 1 --workers 1 --data-cache /tmp/shapes_train.npz
     python -m maskmill.toyworld.train --out /tmp/m --steps 5 --vae-steps 5 --scenes 64   # smoke test
 
 Stage 1 trains the VAE on textured scenes (a VAE that never saw stripes erases them,
