@@ -69,12 +69,15 @@ def object_token_positions(tokenizer, captions: list[str], phrases: list[list[st
     """
     out = torch.full((len(captions), MAX_OBJECTS, TOKENS_PER_PHRASE), -1, dtype=torch.long)
     memo: dict[tuple[str, str], tuple[int, ...]] = {}
+    lengths: dict[str, int] = {}  # captions repeat across a training set of 32k: tokenize each text once
     for i, (caption, objs) in enumerate(zip(captions, phrases)):
         for k, phrase in enumerate(objs):
             key = (caption, phrase)
             if key not in memo:
                 memo[key] = phrase_token_indices(tokenizer, caption, phrase)
-            n = len(tokenizer(phrase, add_special_tokens=False).input_ids)
+            if phrase not in lengths:
+                lengths[phrase] = len(tokenizer(phrase, add_special_tokens=False).input_ids)
+            n = lengths[phrase]
             if n > TOKENS_PER_PHRASE:
                 raise ValueError(f"phrase {phrase!r} in {caption!r} has more than {TOKENS_PER_PHRASE} tokens")
             # the same phrase can recur ("a star, a star and a star"): object k is its r-th occurrence
@@ -89,6 +92,14 @@ def object_masks(labels: torch.Tensor, side: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(one_hot, side).flatten(2).transpose(1, 2)
 
 
+def phrase_attention(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, HW, 77) probabilities -> (B, HW, MAX_OBJECTS * TOKENS_PER_PHRASE) at the phrase tokens;
+    slots without a token (-1) are zero."""
+    flat = positions.flatten(1)
+    picked = probs.gather(2, flat.clamp(min=0).unsqueeze(1).expand(-1, probs.shape[1], -1))
+    return picked * (flat >= 0).unsqueeze(1)
+
+
 def token_loss(store: list[torch.Tensor], labels: torch.Tensor, positions: torch.Tensor,
                keep: torch.Tensor) -> torch.Tensor:
     """Mean (1 - share of the token's attention inside its object)^2 over objects, tokens and layers.
@@ -97,12 +108,11 @@ def token_loss(store: list[torch.Tensor], labels: torch.Tensor, positions: torch
     rows whose caption was dropped (classifier-free guidance) have no tokens to ground.
     """
     valid = (positions >= 0) & keep.view(-1, 1, 1)
-    flat = positions.clamp(min=0).flatten(1)  # (B, K*T)
     losses = []
     for probs in store:
         side = int(round(probs.shape[1] ** 0.5))
         masks = object_masks(labels, side).repeat_interleave(TOKENS_PER_PHRASE, dim=2)  # (B, HW, K*T)
-        attn = probs.gather(2, flat.unsqueeze(1).expand(-1, probs.shape[1], -1))  # (B, HW, K*T)
+        attn = phrase_attention(probs, positions)
         inside = (attn * masks).sum(1) / attn.sum(1).clamp_min(1e-8)
         losses.append((1 - inside) ** 2)
     per = torch.stack(losses).mean(0).view_as(valid)
@@ -117,13 +127,11 @@ def pixel_loss(store: list[torch.Tensor], labels: torch.Tensor, positions: torch
     pixels are asked to read the phrase and every other pixel to read anything else.
     """
     valid = ((positions[..., 0] >= 0) & keep.view(-1, 1)).float()  # (B, K)
-    flat = positions.clamp(min=0).flatten(1)
-    present = (positions >= 0).flatten(1).unsqueeze(1).float()  # (B, 1, K*T): -1 slots add nothing
     losses = []
     for probs in store:
         side = int(round(probs.shape[1] ** 0.5))
         inside = object_masks(labels, side)  # (B, HW, K)
-        share = probs.gather(2, flat.unsqueeze(1).expand(-1, probs.shape[1], -1)) * present
+        share = phrase_attention(probs, positions)
         share = share.view(*share.shape[:2], MAX_OBJECTS, TOKENS_PER_PHRASE).sum(-1).clamp(1e-6, 1 - 1e-6)
         on = -(inside * share.log()).sum(1) / inside.sum(1).clamp_min(1e-6)
         off = -((1 - inside) * (1 - share).log()).sum(1) / (1 - inside).sum(1).clamp_min(1e-6)

@@ -198,15 +198,16 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     grounded = bool(grounding_weight or pixel_weight)
     # Colourless twins ("a circle and a square"): colours are distinct within a scene, so without
     # them a pixel could find its phrase by colour alone and shape would never need to be seen.
-    shapes_only = [[p.split()[-1] for p in objs] for objs in phrases]
-    bare = [join_phrases(objs) for objs in shapes_only]
-    positions = bare_positions = None
+    positions = bare_ids = bare_positions = None
     if grounded:
         positions = grounding.object_token_positions(tokenizer, captions, phrases)
-        bare_positions = grounding.object_token_positions(tokenizer, bare, shapes_only) if colour_dropout else None
+    if colour_dropout:
+        shapes_only = [[p.split()[-1] for p in objs] for objs in phrases]
+        bare = [join_phrases(objs) for objs in shapes_only]
+        bare_ids = tokenizer(bare, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        if grounded:
+            bare_positions = grounding.object_token_positions(tokenizer, bare, shapes_only)
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    bare_ids = tokenizer(bare, padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids if colour_dropout else None
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                 beta_start=0.00085, beta_end=0.012)
