@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--clip", type=Path, help="local CLIP checkpoint for the class pre-filter")
     sg.add_argument("--out", type=Path, default=Path("outputs/segment"))
     sg.add_argument("--no-background", action="store_true")
+    sg.add_argument("--refine", choices=["pamr", "none"], default="pamr",
+                    help="score refinement before the argmax (default pamr: edges follow the image's colours)")
     sg.set_defaults(fn=_cmd_segment)
 
     t = sub.add_parser("toyworld", help="the shapes world: train, evaluate, benchmark masks")
@@ -173,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--timestep", type=int, default=200)
     to.add_argument("--layers", help="comma-separated attn2 module names for the features (default: the decoder's)")
     to.add_argument("--feature-size", type=int, help="resize images to this side before the UNet (default: as is)")
-    to.add_argument("--refine", action="store_true", help="also report full + PAMR refinement")
+    to.add_argument("--refine", choices=["pamr", "none"], default="pamr",
+                    help="score refinement of every variant (default pamr, as `maskmill segment`); "
+                         "with pamr, the unrefined full method is reported too")
     to.add_argument("--no-diagnostics", action="store_true", help="skip the oracle-support diagnostic rows")
     to.add_argument("--split", choices=["test", "tune"], default="test",
                     help="rendered scenes to segment: test (reported figures) or tune (choosing settings)")

@@ -1,4 +1,5 @@
-"""`maskmill segment IMG... --bank BANK --classes a,b [--model M] [--clip CKPT] [--out DIR] [--no-background]`
+"""`maskmill segment IMG... --bank BANK --classes a,b [--model M] [--clip CKPT] [--out DIR] [--no-background]
+[--refine {pamr,none}]`
 
 Checks everything before any work: the class list, the image files, the bank (readable, tensor
 hash intact), the classes (each must have foreground prototypes in the bank), the CLIP
@@ -8,8 +9,9 @@ its fingerprint matches (model configs and weights digest, extractor settings, m
 version). Any of these failures prints one clear `error:` line and exits 2.
 
 Then it segments each image (OVDiff: class score = max over its prototypes, background = max
-over the background prototypes, argmax) and writes `<stem>.labels.png` (value k = k-th class of
---classes, 0 background), `<stem>.overlay.png` and `<stem>.classes.json` into --out.
+over the background prototypes; scores refined with PAMR unless `--refine none`; argmax) and
+writes `<stem>.labels.png` (value k = k-th class of --classes, 0 background), `<stem>.overlay.png`
+and `<stem>.classes.json` into --out.
 """
 from __future__ import annotations
 
@@ -127,23 +129,14 @@ def expected_fingerprint(bank, extractor) -> dict:
             "maskmill_version": maskmill_version()}
 
 
-def pamr_refiner(iterations: int = 10, dilations: tuple[int, ...] = (1, 2, 4)):
-    """A `segment_images` refine hook: PAMR on the (K+1, H, W) score maps, guided by the image colours."""
-    import torch
-
-    from .extractors.pamr import pamr
-
-    def refine(scores, image):
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-        return pamr(img, scores, iterations, dilations)
-
-    return refine
-
-
 def _run(args) -> int:
     from .prototypes.bank import FingerprintMismatchError, load_bank
-    from .prototypes.segment import clip_prefilter, save_segmentation, segment_images
+    from .prototypes.segment import DEFAULT_REFINER, clip_prefilter, make_refiner, save_segmentation, segment_images
 
+    try:
+        refine = make_refiner(str(getattr(args, "refine", None) or DEFAULT_REFINER))
+    except ValueError as e:
+        raise SegmentError(f"--refine: {e}") from None
     classes = parse_classes(args.classes)
     paths = [Path(p) for p in args.images]
     images = read_images(paths)
@@ -179,7 +172,7 @@ def _run(args) -> int:
     out = Path(getattr(args, "out", None) or "outputs/segment")
     t0 = time.perf_counter()
     results = segment_images(extractor, images, bank, classes, use_background=not getattr(args, "no_background", False),
-                             prefilter=prefilter)
+                             prefilter=prefilter, refine=refine)
     seconds = time.perf_counter() - t0
     for path, stem, image, res in zip(paths, unique_stems(paths), images, results):
         written = save_segmentation(res.labels, image, classes, out, stem)

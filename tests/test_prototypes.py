@@ -407,3 +407,22 @@ def test_capture_hooks_removed_even_when_the_forward_pass_fails():
             assert outputs["layer"].shape == (1, 2)
             layer(torch.zeros(1, 5))  # shape error inside the context
     assert not layer._forward_hooks
+
+
+def test_pamr_refiner_snaps_noisy_scores_to_the_image_regions():
+    from maskmill.prototypes.segment import make_refiner
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16] = (200, 40, 40)
+    image[:, 16:] = (40, 40, 200)
+    truth = np.zeros((32, 32), bool)
+    truth[:, 16:] = True
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(np.stack([~truth, truth]).astype(np.float32) * 0.2
+                              + rng.normal(0, 0.2, (2, 32, 32)).astype(np.float32))
+    raw = (scores.argmax(0).numpy() == 1) == truth
+    refined = (make_refiner("pamr")(scores, image).argmax(0).numpy() == 1) == truth
+    assert raw.mean() < 0.85 and refined.mean() > 0.97
+    assert make_refiner("none") is None
+    with pytest.raises(ValueError, match="unknown refinement 'crf'; choose one of: none, pamr"):
+        make_refiner("crf")

@@ -70,6 +70,8 @@ def test_segment_writes_label_and_overlay_pngs(setup, capsys):
     code, out2 = segment(setup, "--no-background", out=setup["root"] / "out-nobg")
     assert code == 0
     assert all((np.asarray(Image.open(out2 / f"{p.stem}.labels.png")) > 0).all() for p in setup["images"])
+    code, out3 = segment(setup, "--refine", "none", out=setup["root"] / "out-raw")
+    assert code == 0 and all((out3 / f"{p.stem}.labels.png").exists() for p in setup["images"])
 
 
 def test_mismatched_fingerprint_refused_before_any_work(setup, capsys):

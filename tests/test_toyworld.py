@@ -175,3 +175,5 @@ def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_ref
     assert set(np.unique(test_labels)) <= set(range(len(bench_ovdiff.CLASS_NAMES)))
     with pytest.raises(ValueError, match="unknown split 'holdout'"):
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(split="holdout"))  # before touching the pipeline
+    with pytest.raises(ValueError, match="unknown refinement 'crf'"):
+        bench_ovdiff.run(None, bench_ovdiff.BenchSettings(refine="crf"))

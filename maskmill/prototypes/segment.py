@@ -5,7 +5,7 @@ prototypes; background scores the max over the background prototypes of the clas
 segmented; the label is the argmax. `segment_image` works on one feature map at feature
 resolution; `segment_images` runs an extractor, optionally pre-filters classes per image
 (CLIP: keep classes with probability >= 1/|C|, at most 10), upsamples the scores bilinearly to
-the image, optionally refines them, then takes the argmax.
+the image, optionally refines them (`make_refiner`: PAMR, the CLI's default), then takes the argmax.
 """
 from __future__ import annotations
 
@@ -84,6 +84,38 @@ def prototype_scores(features: torch.Tensor, bank: PrototypeBank, classes: list[
         index = groups[idx][:, None].expand_as(sims)
         scores.scatter_reduce_(0, index, sims, reduce="amax", include_self=True)
     return scores.reshape(-1, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# refinement
+
+
+def pamr_refiner(iterations: int = 10, dilations: tuple[int, ...] = (1, 2, 4)) -> ScoreRefiner:
+    """PAMR on the (K+1, H, W) score maps, guided by the image's colours.
+
+    Why: prototype scores come from a feature grid 2-8x coarser than the image and are noisy within
+    an object; PAMR propagates them between neighbouring pixels of similar colour, so object edges
+    follow the image and each object converges to one label.
+    """
+    from ..extractors.pamr import pamr
+
+    def refine(scores: torch.Tensor, image: np.ndarray) -> torch.Tensor:
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+        return pamr(img, scores, iterations, dilations)
+
+    return refine
+
+
+REFINERS = {"none": None, "pamr": pamr_refiner}
+DEFAULT_REFINER = "pamr"
+
+
+def make_refiner(name: str) -> ScoreRefiner | None:
+    """The refine hook called `name` ("none" or "pamr"); a ValueError names the choices otherwise."""
+    if name not in REFINERS:
+        raise ValueError(f"unknown refinement {name!r}; choose one of: {', '.join(REFINERS)}")
+    factory = REFINERS[name]
+    return factory() if factory is not None else None
 
 
 def segment_image(features: torch.Tensor, bank: PrototypeBank, classes: list[str], use_background: bool = True,

@@ -26,7 +26,7 @@ import torch
 
 from ..prototypes.bank import PrototypeBank, make_fingerprint, merge_banks
 from ..prototypes.features import FeatureExtractor, SDQueryFeatures
-from ..prototypes.segment import segment_images
+from ..prototypes.segment import make_refiner, segment_images
 from ..prototypes.support import SupportSet, bank_from_support, generate_support, support_from_run
 from .render import IMAGE_SIZE, SHAPES, render, sample_scene
 
@@ -63,7 +63,7 @@ class BenchSettings:
     fg_min_fraction: float = 0.5
     bg_min_fraction: float = 0.5
     confusing_bg_threshold: float | None = 0.85
-    refine: bool = False  # also report full + PAMR refinement
+    refine: str = "pamr"  # score refinement of every variant (`segment.REFINERS`; `maskmill segment`'s default)
     diagnostics: bool = True  # also banks from oracle support masks (see `diagnostic_supports`)
     split: str = "test"  # which rendered scenes are segmented (SCENE_SEEDS)
 
@@ -256,8 +256,10 @@ def write_support_run(supports: list[SupportSet], root: Path) -> float:
 
 def evaluate_bank(extractor: FeatureExtractor, bank: PrototypeBank, images: np.ndarray, labels: np.ndarray,
                   settings: BenchSettings, **variant) -> tuple[dict, float]:
-    """(iou table, seconds) of segmenting the test set with one variant of the method."""
+    """(iou table, seconds) of segmenting the test set with one variant of the method, refined with
+    `settings.refine` unless the variant names its own `refine`."""
     t0 = time.perf_counter()
+    variant.setdefault("refine", make_refiner(settings.refine))
     results = segment_images(extractor, images, bank, list(SHAPES),
                              confusing_bg_threshold=settings.confusing_bg_threshold, **variant)
     seconds = time.perf_counter() - t0
@@ -272,6 +274,7 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
     s = (settings or BenchSettings()).resolved()
     if s.split not in SCENE_SEEDS:
         raise ValueError(f"unknown split {s.split!r}; choose one of: {', '.join(SCENE_SEEDS)}")
+    make_refiner(s.refine)  # an unknown name fails here, before any generation
     features = SDQueryFeatures(pipe, layers=s.layers, timestep=s.timestep, size=s.feature_size, model_id=model_id)
     fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **vars(s)})
     supports, banks, per_class = [], [], {}
@@ -343,11 +346,9 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
         name = "control: classes coded by colour (rendered support + test, exact masks)"
         extra[name] = colour_coded_control(features, s)
         log(f"  {name}: mIoU {extra[name]['miou']:.3f}")
-    if s.refine:
-        from ..segment_cli import pamr_refiner
-
-        extra["full + PAMR"], seconds["full + PAMR"] = evaluate_bank(cached, bank, images, labels, s,
-                                                                      refine=pamr_refiner())
+    if s.refine != "none":
+        name = "full, no refinement"
+        extra[name], seconds[name] = evaluate_bank(cached, bank, images, labels, s, refine=None)
     full = table["full"]["miou"]
     checks = {"full >= 0.80": full >= TARGET_FULL}
     checks.update({f"{k} <= full": v["miou"] <= full + 1e-9 for k, v in table.items() if k != "full"})
@@ -367,7 +368,8 @@ def format_report(r: dict) -> str:
     lines = [f"OVDiff on the shapes world: banks from {s['n_support']} generated support images per class "
              f"(\"a {{colour}} {{class}}\", {s['extractor']} {s['extractor_params']} masks, K = {s['k_parts']} parts, t = {s['timestep']}), "
              f"{r['bank_prototypes']} prototypes; {s['n_test']} rendered {s.get('split', 'test').upper()} scenes (exact truth); "
-             f"features {r['feature_grid'][0]}x{r['feature_grid'][1]} for {r['image_size']} px images",
+             f"features {r['feature_grid'][0]}x{r['feature_grid'][1]} for {r['image_size']} px images; "
+             f"scores refined with {s.get('refine', 'none')} in every row unless it says otherwise",
              "| variant | mIoU | " + " | ".join(r["classes"]) + " | pixel acc |",
              "|---" * (len(r["classes"]) + 3) + "|"]
     for name, t in list(r["table"].items()) + list(r["extra"].items()):
@@ -426,7 +428,7 @@ def main_args(a) -> int:
     settings = BenchSettings(n_support=a.n_support, n_test=a.n_test, k_parts=a.k_parts,
                              timestep=getattr(a, "timestep", 200), feature_size=getattr(a, "feature_size", None),
                              layers=a.layers.split(",") if getattr(a, "layers", None) else None,
-                             refine=bool(getattr(a, "refine", False)),
+                             refine=getattr(a, "refine", "pamr"),
                              diagnostics=not getattr(a, "no_diagnostics", False),
                              split=getattr(a, "split", "test"))
     pipe = load_pipeline(a.model)
