@@ -83,6 +83,7 @@ def prototype_scores(features: torch.Tensor, bank: PrototypeBank, classes: list[
         sims = bank.vectors[idx].float() @ pixels.T  # (chunk, hw); prototypes are unit-norm
         index = groups[idx][:, None].expand_as(sims)
         scores.scatter_reduce_(0, index, sims, reduce="amax", include_self=True)
+        del sims, index  # else the next chunk is computed while this one is still held: 2 chunks at peak
     return scores.reshape(-1, h, w)
 
 
