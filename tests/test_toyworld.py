@@ -177,3 +177,19 @@ def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_ref
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(split="holdout"))  # before touching the pipeline
     with pytest.raises(ValueError, match="unknown refinement 'crf'"):
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(refine="crf"))
+
+
+def test_training_set_cache_is_used_only_when_it_holds_the_requested_scenes(tmp_path):
+    from maskmill.toyworld.train import DATA_KEYS, load_training_set
+
+    cache = tmp_path / "scenes.npz"
+    first = load_training_set(6, seed=3, workers=1, cache=cache)
+    assert cache.exists() and len(first["captions"]) == 6 and set(first) == set(DATA_KEYS)
+    marked = dict(first, captions=np.array(["cached"] * 6))
+    np.savez(cache, **marked)
+    assert list(load_training_set(6, seed=3, workers=1, cache=cache)["captions"]) == ["cached"] * 6
+    more = load_training_set(9, seed=3, workers=1, cache=cache)  # a different count: rendered again
+    assert len(more["captions"]) == 9
+    assert np.array_equal(more["images"][:6], first["images"]) and list(more["captions"][:6]) == list(first["captions"])
+    with np.load(cache) as d:
+        assert len(d["captions"]) == 9

@@ -81,10 +81,11 @@ DATA_KEYS = ("images", "labels", "captions", "phrases")
 
 
 def load_training_set(scenes: int, seed: int, workers: int, cache: Path | None) -> dict[str, np.ndarray]:
-    """The rendered set, from the npz cache when it holds every key (older caches lack labels)."""
+    """The rendered set, from the npz cache when it holds every key (older caches lack labels) and
+    exactly `scenes` scenes; otherwise rendered (same seed: the first scenes are the same) and cached."""
     if cache is not None and cache.exists():
         with np.load(cache) as d:
-            if all(k in d for k in DATA_KEYS):
+            if all(k in d for k in DATA_KEYS) and len(d["captions"]) == scenes:
                 return {k: d[k] for k in DATA_KEYS}
     data = render_training_set(scenes, seed, workers)
     if cache is not None:
