@@ -1,6 +1,7 @@
 """OVDiff on the shapes world: banks from generated support sets, scored on *rendered* scenes.
 
     maskmill toyworld bench-ovdiff [--model shapes-sd] [--n-support 32] [--n-test 64] [--k-parts 32]
+                                   [--refine {pamr,none}] [--split {test,tune}] [--threads 2]
 
 1. Per class (circle, square, triangle, star): generate n_support images from "a {colour} {class}"
    with the micro model, masks from SeeDiff (fg = the class mask, bg = label 0 with a low class
@@ -9,9 +10,10 @@
    id of each object's shape (1 + index in SHAPES), 0 background. The generator never saw them.
 3. Segment them with the merged bank and print mIoU (IoU per class incl. background, accumulated
    over the whole test set, then averaged) for the full method and the ablations: without
-   background prototypes, without parts, without instance prototypes; plus bank build time per
-   class, segmentation time per image, and the time `support_from_run` saves: the same support
-   sets written as a dataset run and read back from its shards instead of generated.
+   background prototypes, without parts, without instance prototypes. Every row is refined as
+   `maskmill segment` refines by default (PAMR), and the unrefined full method is reported too.
+   Plus bank build time per class, segmentation time per image, and the time `support_from_run`
+   saves: the same support sets written as a dataset run and read back from its shards.
 """
 from __future__ import annotations
 
