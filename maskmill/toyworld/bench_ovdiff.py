@@ -28,7 +28,7 @@ import torch
 
 from ..prototypes.bank import PrototypeBank, make_fingerprint, merge_banks
 from ..prototypes.features import FeatureExtractor, SDQueryFeatures
-from ..prototypes.segment import make_refiner, segment_images
+from ..prototypes.segment import DEFAULT_REFINER, make_refiner, segment_images
 from ..prototypes.support import SupportSet, bank_from_support, generate_support, support_from_run
 from .render import IMAGE_SIZE, SHAPES, render, sample_scene
 
@@ -65,7 +65,7 @@ class BenchSettings:
     fg_min_fraction: float = 0.5
     bg_min_fraction: float = 0.5
     confusing_bg_threshold: float | None = 0.85
-    refine: str = "pamr"  # score refinement of every variant (`segment.REFINERS`; `maskmill segment`'s default)
+    refine: str = DEFAULT_REFINER  # score refinement of every variant (`segment.REFINERS`), as `maskmill segment`
     diagnostics: bool = True  # also banks from oracle support masks (see `diagnostic_supports`)
     split: str = "test"  # which rendered scenes are segmented (SCENE_SEEDS)
 
@@ -430,7 +430,7 @@ def main_args(a) -> int:
     settings = BenchSettings(n_support=a.n_support, n_test=a.n_test, k_parts=a.k_parts,
                              timestep=getattr(a, "timestep", 200), feature_size=getattr(a, "feature_size", None),
                              layers=a.layers.split(",") if getattr(a, "layers", None) else None,
-                             refine=getattr(a, "refine", "pamr"),
+                             refine=getattr(a, "refine", DEFAULT_REFINER),
                              diagnostics=not getattr(a, "no_diagnostics", False),
                              split=getattr(a, "split", "test"))
     pipe = load_pipeline(a.model)
