@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_capture import run_peak_mb  # noqa: E402 - the peak-RSS helpers every benchmark here shares
 
 DEFAULT_CHUNK = 4096
 N_CLASSES = 20
@@ -56,27 +57,6 @@ def synthetic_bank(size: int, channels: int, seed: int = 0):
     return merge_banks(banks)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def measure(fn) -> int:
-    """Peak RSS growth (KiB) while fn runs. Building the bank peaks higher than scoring it does
-    (randn + merge copies), so the process-lifetime ru_maxrss alone would hide the call: the
-    kernel's mark is reset first; where that is refused, fall back to ru_maxrss (an underestimate)."""
-    before = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: peak-RSS mark := current RSS
-        fn()
-        peak = _status_kib("VmHWM")
-    except OSError:
-        fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return max(0, peak - before)
-
-
 def worker(size: int, chunk: int, channels: int, grid: int, repeats: int, threads: int) -> dict:
     """In a fresh process: peak memory of one call, then CPU time of `repeats` more."""
     import torch
@@ -89,13 +69,15 @@ def worker(size: int, chunk: int, channels: int, grid: int, repeats: int, thread
     features = torch.randn(channels, grid, grid, generator=torch.Generator().manual_seed(1))
     # Warm-up on a small bank: BLAS/OpenMP start-up and allocator pools are not the chunking's cost.
     prototype_scores(features, synthetic_bank(4 * N_CLASSES, channels), classes, chunk=chunk)
-    growth = measure(lambda: prototype_scores(features, bank, classes, chunk=chunk))
+    # Building the bank peaks higher than scoring it (randn + merge copies): run_peak_mb resets the
+    # kernel's peak mark first, so the call's own peak is what is measured.
+    _, growth_mb = run_peak_mb(lambda: prototype_scores(features, bank, classes, chunk=chunk))
     times = []
     for _ in range(max(1, repeats)):
         t = time.process_time()
         prototype_scores(features, bank, classes, chunk=chunk)
         times.append(time.process_time() - t)
-    return {"growth_kib": growth, "cpu_s": statistics.median(times)}
+    return {"growth_mb": growth_mb, "cpu_s": statistics.median(times)}
 
 
 def in_subprocess(args, size: int, chunk: int) -> dict:
@@ -136,7 +118,7 @@ def main() -> None:
     for size in sizes:
         for mode, chunk in (("chunked", DEFAULT_CHUNK), ("unchunked", size)):
             r = in_subprocess(args, size, chunk)
-            peak[size, mode] = r["growth_kib"] / 1024
+            peak[size, mode] = r["growth_mb"]
             buffer_mb = min(chunk, size) * hw * 4 / 2**20  # the (chunk, h*w) float32 similarities
             print(f"| {size:,} | {chunk:,} ({mode}) | {buffer_mb:.0f} | {peak[size, mode]:.0f} | {r['cpu_s']:.2f} |",
                   flush=True)
