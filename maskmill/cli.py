@@ -18,6 +18,10 @@ import os
 import sys
 from pathlib import Path
 
+# prototypes.segment.REFINERS, default first; written out so `--help` does not import torch
+# (tests/test_segment_cli.py checks that the two agree).
+REFINE_CHOICES = ("pamr", "none")
+
 # Offline by design: never reach for the hub, never send telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--clip", type=Path, help="local CLIP checkpoint for the class pre-filter")
     sg.add_argument("--out", type=Path, default=Path("outputs/segment"))
     sg.add_argument("--no-background", action="store_true")
-    sg.add_argument("--refine", choices=["pamr", "none"], default="pamr",
+    sg.add_argument("--refine", choices=REFINE_CHOICES, default=REFINE_CHOICES[0],
                     help="score refinement before the argmax (default pamr: edges follow the image's colours)")
     sg.set_defaults(fn=_cmd_segment)
 
@@ -175,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--timestep", type=int, default=200)
     to.add_argument("--layers", help="comma-separated attn2 module names for the features (default: the decoder's)")
     to.add_argument("--feature-size", type=int, help="resize images to this side before the UNet (default: as is)")
-    to.add_argument("--refine", choices=["pamr", "none"], default="pamr",
+    to.add_argument("--refine", choices=REFINE_CHOICES, default=REFINE_CHOICES[0],
                     help="score refinement of every variant (default pamr, as `maskmill segment`); "
                          "with pamr, the unrefined full method is reported too")
     to.add_argument("--no-diagnostics", action="store_true", help="skip the oracle-support diagnostic rows")

@@ -117,3 +117,10 @@ def test_same_weights_from_another_folder_accepted(setup, tmp_path):
             "--model", str(copy), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     assert (tmp_path / "out" / f"{setup['images'][0].stem}.labels.png").exists()
+
+
+def test_cli_refine_choices_are_the_refiners():
+    from maskmill.cli import REFINE_CHOICES
+    from maskmill.prototypes.segment import DEFAULT_REFINER, REFINERS
+
+    assert set(REFINE_CHOICES) == set(REFINERS) and REFINE_CHOICES[0] == DEFAULT_REFINER

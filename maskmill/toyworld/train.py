@@ -199,17 +199,20 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     grounded = bool(grounding_weight or pixel_weight)
     # Colourless twins ("a circle and a square"): colours are distinct within a scene, so without
     # them a pixel could find its phrase by colour alone and shape would never need to be seen.
+    def token_ids(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
     positions = bare_ids = bare_positions = None
     if grounded:
         positions = grounding.object_token_positions(tokenizer, captions, phrases)
     if colour_dropout:
         shapes_only = [[p.split()[-1] for p in objs] for objs in phrases]
         bare = [join_phrases(objs) for objs in shapes_only]
-        bare_ids = tokenizer(bare, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        bare_ids = token_ids(bare)
         if grounded:
             bare_positions = grounding.object_token_positions(tokenizer, bare, shapes_only)
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = token_ids(captions)
+    empty_ids = token_ids([""])
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                 beta_start=0.00085, beta_end=0.012)
     alphas = noise_sched.alphas_cumprod
