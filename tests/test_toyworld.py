@@ -179,6 +179,31 @@ def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_ref
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(refine="crf"))
 
 
+
+def test_instance_similarity_groups_pairs_by_shape_and_colour():
+    """Features that encode only colour: same-colour pairs are identical whatever the shape."""
+    from maskmill.prototypes.bank import build_class_bank, merge_banks
+    from maskmill.prototypes.support import SupportSet
+    from maskmill.toyworld import bench_ovdiff
+
+    colours = ["red", "blue", "red"]
+    direction = {"red": [1.0, 0.0, 0.0], "blue": [0.0, 1.0, 0.0]}
+    banks, supports = [], []
+    for shape in ("circle", "square"):
+        feats = torch.tensor([direction[c] for c in colours])[:, :, None, None].expand(3, 3, 4, 4).clone()
+        fg = np.zeros((3, 4, 4), bool)
+        fg[:, 1:3, 1:3] = True
+        keys = [f"{shape}-{i}" for i in range(3)]
+        banks.append(build_class_bank(shape, feats, fg, ~fg, keys, k_parts=0))
+        supports.append(SupportSet(shape, np.zeros((3, 4, 4, 3), np.uint8), fg, ~fg, keys,
+                                   prompts=[f"a {c} {shape}" for c in colours]))
+    sims = bench_ovdiff.colour_vs_shape_similarity(merge_banks(banks), supports)
+    assert sims["other shape, same colour"] == pytest.approx(1.0)
+    assert sims["same shape, same colour"] == pytest.approx(1.0)
+    assert sims["same shape, other colour"] == pytest.approx(0.0, abs=1e-6)
+    assert sims["other shape, other colour"] == pytest.approx(0.0, abs=1e-6)
+    assert bench_ovdiff.prompt_colour("a green star") == "green" and bench_ovdiff.prompt_colour("a star") is None
+
 def test_training_set_cache_is_used_only_when_it_holds_the_requested_scenes(tmp_path):
     from maskmill.toyworld.train import DATA_KEYS, load_training_set
 

@@ -30,7 +30,7 @@ from ..prototypes.bank import PrototypeBank, make_fingerprint, merge_banks
 from ..prototypes.features import FeatureExtractor, SDQueryFeatures
 from ..prototypes.segment import DEFAULT_REFINER, make_refiner, segment_images
 from ..prototypes.support import SupportSet, bank_from_support, generate_support, support_from_run
-from .render import IMAGE_SIZE, SHAPES, render, sample_scene
+from .render import COLOURS, IMAGE_SIZE, SHAPES, render, sample_scene
 
 TARGET_FULL = 0.80
 TEST_SEED = 20261123
@@ -135,15 +135,49 @@ def iou_table(cm: np.ndarray) -> dict:
     return {"miou": float(np.mean(valid)), "per_class": ious, "pixel_acc": float(inter.sum() / cm.sum())}
 
 
+def prompt_colour(prompt: str) -> str | None:
+    """The colour word of a support prompt ("a red circle" -> "red"), None when it names none."""
+    return next((w for w in prompt.split() if w in COLOURS), None)
+
+
+def colour_vs_shape_similarity(bank: PrototypeBank, supports: list[SupportSet]) -> dict[str, float]:
+    """Mean cosine between fg instance prototypes (one per support image), grouped by whether the two
+    images show the same shape and the same colour.
+
+    Why: in this world colour is spread evenly over the classes, so features that a pixel's colour
+    dominates cannot tell a red circle from a red square; per-image and part prototypes then carry
+    one colour each and match other classes of that colour. This says how much the features care.
+    """
+    colour_of = {k: prompt_colour(p) for sup in supports for k, p in zip(sup.keys, sup.prompts)}
+    rows = [(i, m.class_name, colour_of.get(m.support_keys[0])) for i, m in enumerate(bank.meta)
+            if m.side == "fg" and m.kind == "instance"]
+    rows = [r for r in rows if r[2] is not None]
+    if len(rows) < 2:
+        return {}
+    idx = torch.tensor([r[0] for r in rows])
+    sims = bank.vectors[idx] @ bank.vectors[idx].T
+    shape = np.array([r[1] for r in rows])
+    colour = np.array([r[2] for r in rows])
+    same_shape = torch.from_numpy(shape[:, None] == shape[None, :])
+    same_colour = torch.from_numpy(colour[:, None] == colour[None, :])
+    pairs = torch.triu(torch.ones_like(same_shape), diagonal=1)
+    out = {}
+    for ss, sc, name in [(True, True, "same shape, same colour"), (True, False, "same shape, other colour"),
+                         (False, True, "other shape, same colour"), (False, False, "other shape, other colour")]:
+        sel = pairs & (same_shape == ss) & (same_colour == sc)
+        if sel.any():
+            out[name] = float(sims[sel].mean())
+    return out
+
+
 def recovered_support(sup: SupportSet) -> SupportSet:
     """Diagnostic: the same generated images with masks recovered from their colours instead of the
     extractor's (fg = pixels of the prompt's colour, bg = unsaturated background)."""
     from .recover import recover_masks
-    from .render import COLOURS
 
     keep, fgs, bgs = [], [], []
     for i, prompt in enumerate(sup.prompts):
-        colour = next((w for w in prompt.split() if w in COLOURS), None)
+        colour = prompt_colour(prompt)
         if colour is None:
             continue
         labels, _ = recover_masks(sup.images[i], [colour])
@@ -186,7 +220,7 @@ def colour_coded_control(features: FeatureExtractor, s: "BenchSettings") -> dict
     feature resolution when the features carry the class."""
     from dataclasses import replace
 
-    from .render import COLOURS, Scene
+    from .render import Scene
 
     colours = list(COLOURS)
 
@@ -214,11 +248,10 @@ def support_mask_iou(sup: SupportSet) -> dict:
     """How good the extractor's support masks are: IoU of fg with the colour-recovered object mask, and
     the fraction of bg pixels that are really background (mean over images)."""
     from .recover import recover_masks
-    from .render import COLOURS
 
     ious, bg_ok = [], []
     for i, prompt in enumerate(sup.prompts):
-        colour = next((w for w in prompt.split() if w in COLOURS), None)
+        colour = prompt_colour(prompt)
         if colour is None:
             continue
         gt = recover_masks(sup.images[i], [colour])[0] == 1
@@ -360,6 +393,7 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
         "segment_seconds_per_image": seconds["full"] / len(images),  # features + scoring, first pass
         "score_seconds_per_image": {k: v / len(images) for k, v in seconds.items() if k != "full"},
         "support_mask_quality": {sup.class_name: support_mask_iou(sup) for sup in supports},
+        "instance_similarity": colour_vs_shape_similarity(bank, supports),
         "bank_prototypes": len(bank), "feature_grid": list(cached(images[:1]).shape[-2:]),
         "image_size": IMAGE_SIZE,
     }
@@ -382,6 +416,9 @@ def format_report(r: dict) -> str:
         lines.append("support masks vs colour-recovered truth: " + "; ".join(
             f"{c} fg IoU {q['fg_iou']:.2f}, bg precision {q['bg_precision']:.2f}"
             for c, q in r["support_mask_quality"].items()))
+    if r.get("instance_similarity"):
+        lines.append("mean cosine of fg instance prototypes (what the features care about): " + "; ".join(
+            f"{k} {v:.2f}" for k, v in r["instance_similarity"].items()))
     lines += ["", "bank build per class (generate support + features + prototypes):",
               "| class | support images kept / generated | generate s | features+prototypes s | total s | "
               "fg / bg prototypes |",
