@@ -177,6 +177,26 @@ def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_ref
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(split="holdout"))  # before touching the pipeline
     with pytest.raises(ValueError, match="unknown refinement 'crf'"):
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(refine="crf"))
+    with pytest.raises(ValueError, match="support_draws must be at least 1, got 0"):
+        bench_ovdiff.run(None, bench_ovdiff.BenchSettings(support_draws=0))
+
+
+def test_bench_ovdiff_averages_iou_tables_over_support_draws():
+    from maskmill.toyworld.bench_ovdiff import CLASS_NAMES, confusion, iou_table, mean_table
+
+    gt = np.zeros((4, 4), np.int64)
+    gt[:2] = 1
+    perfect = iou_table(confusion(gt, gt, len(CLASS_NAMES)))
+    half = gt.copy()
+    half[:1] = 0  # one of the two class-1 rows called background
+    worse = iou_table(confusion(half, gt, len(CLASS_NAMES)))
+    assert perfect["miou"] == 1.0 and worse["per_class"]["circle"] == pytest.approx(0.5)
+    m = mean_table([perfect, worse])
+    assert m["miou_per_draw"] == [perfect["miou"], worse["miou"]]
+    assert m["miou"] == pytest.approx((perfect["miou"] + worse["miou"]) / 2)
+    assert m["miou_std"] == pytest.approx(abs(perfect["miou"] - worse["miou"]) / 2)
+    assert m["per_class"]["circle"] == pytest.approx(0.75)
+    assert np.isnan(m["per_class"]["star"])  # absent in every draw stays absent, not 0
 
 
 

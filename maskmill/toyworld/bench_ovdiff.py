@@ -1,7 +1,8 @@
 """OVDiff on the shapes world: banks from generated support sets, scored on *rendered* scenes.
 
     maskmill toyworld bench-ovdiff [--model shapes-sd] [--n-support 32] [--n-test 64] [--k-parts 32]
-                                   [--refine {pamr,none}] [--split {test,tune}] [--threads 2]
+                                   [--refine {pamr,none}] [--split {test,tune}] [--support-draws 6]
+                                   [--threads 2]
 
 1. Per class (circle, square, triangle, star): generate n_support images from "a {colour} {class}"
    with the micro model, masks from SeeDiff (fg = the class mask, bg = label 0 with a low class
@@ -12,6 +13,8 @@
    over the whole test set, then averaged) for the full method and the ablations: without
    background prototypes, without parts, without instance prototypes. Every row is refined as
    `maskmill segment` refines by default (PAMR), and the unrefined full method is reported too.
+   Steps 1 and 3 repeat for `--support-draws` support sets (seeds 0, 1, ...) and every mIoU is their
+   mean: one draw moves the full method by several points on this world.
    Plus bank build time per class, segmentation time per image, and the time `support_from_run`
    saves: the same support sets written as a dataset run and read back from its shards.
 """
@@ -66,8 +69,9 @@ class BenchSettings:
     bg_min_fraction: float = 0.5
     confusing_bg_threshold: float | None = 0.85
     refine: str = DEFAULT_REFINER  # score refinement of every variant (`segment.REFINERS`), as `maskmill segment`
-    diagnostics: bool = True  # also banks from oracle support masks (see `diagnostic_supports`)
+    diagnostics: bool = True  # also banks from oracle support masks (`recovered_support`, `rendered_support`)
     split: str = "test"  # which rendered scenes are segmented (SCENE_SEEDS)
+    support_draws: int = 6  # support sets (seeds seed, seed + 1, ...) every mIoU is averaged over
 
     def resolved(self) -> "BenchSettings":
         from ..prototypes.support import support_defaults
@@ -304,19 +308,28 @@ def evaluate_bank(extractor: FeatureExtractor, bank: PrototypeBank, images: np.n
     return iou_table(cm), seconds
 
 
-def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd", log=print) -> dict:
-    """Everything `bench-ovdiff` prints, as a dict."""
-    s = (settings or BenchSettings()).resolved()
-    if s.split not in SCENE_SEEDS:
-        raise ValueError(f"unknown split {s.split!r}; choose one of: {', '.join(SCENE_SEEDS)}")
-    make_refiner(s.refine)  # an unknown name fails here, before any generation
-    features = SDQueryFeatures(pipe, layers=s.layers, timestep=s.timestep, size=s.feature_size, model_id=model_id)
-    fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **vars(s)})
+def mean_table(tables: list[dict]) -> dict:
+    """Average of iou tables (one per support draw): mIoU, per-class IoU and pixel accuracy, plus the
+    per-draw mIoUs and their standard deviation."""
+    def mean_present(values):  # NaN = class absent from that draw's truth and prediction
+        present = [v for v in values if not np.isnan(v)]
+        return float(np.mean(present)) if present else float("nan")
+
+    mious = [t["miou"] for t in tables]
+    return {"miou": float(np.mean(mious)),
+            "per_class": {c: mean_present([t["per_class"][c] for t in tables]) for c in tables[0]["per_class"]},
+            "pixel_acc": float(np.mean([t["pixel_acc"] for t in tables])),
+            "miou_per_draw": mious, "miou_std": float(np.std(mious))}
+
+
+def build_draw(pipe, features: FeatureExtractor, s: BenchSettings, seed: int, fp: dict, log=print):
+    """One support draw: per class, generate the support set with this seed and build its bank.
+    Returns (support sets, merged bank, per-class build figures)."""
+    from ..extractors import get_extractor
+
     supports, banks, per_class = [], [], {}
     for c in SHAPES:
-        from ..extractors import get_extractor
-
-        common = dict(prompts="shapes", seed=s.seed, steps=s.steps, guidance=s.guidance,
+        common = dict(prompts="shapes", seed=seed, steps=s.steps, guidance=s.guidance,
                       extractor=get_extractor(s.extractor, **(s.extractor_params or {})),
                       bg_soft_threshold=s.bg_soft_threshold)
         filter_relaxed = False
@@ -328,7 +341,7 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
             filter_relaxed = True
             sup = generate_support(pipe, c, s.n_support, **common)
         t0 = time.perf_counter()
-        bank = bank_from_support(sup, features, k_parts=s.k_parts, seed=s.seed, fg_min_fraction=s.fg_min_fraction,
+        bank = bank_from_support(sup, features, k_parts=s.k_parts, seed=seed, fg_min_fraction=s.fg_min_fraction,
                                  bg_min_fraction=s.bg_min_fraction, fingerprint=fp)
         bank_s = time.perf_counter() - t0
         counts = bank.counts()[c]
@@ -338,52 +351,85 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
                         "build_seconds": sup.seconds + bank_s, "fg_prototypes": counts["fg"],
                         "bg_prototypes": counts["bg"], "fg_fraction": float(sup.fg.mean()),
                         "bg_fraction": float(sup.bg.mean())}
-        log(f"  {c}: {len(sup)} support images kept of {sup.generated} (dropped: {sup.dropped}), generated in {sup.seconds:.1f} s, bank in {bank_s:.1f} s")
+        log(f"  {c} (draw {seed}): {len(sup)} support images kept of {sup.generated} (dropped: {sup.dropped}), "
+            f"generated in {sup.seconds:.1f} s, bank in {bank_s:.1f} s")
         supports.append(sup)
         banks.append(bank)
-    bank = merge_banks(banks)
+    return supports, merge_banks(banks), per_class
 
-    # The efficient path: the same support sets read back from a dataset run's shards.
+
+def support_reuse(supports: list[SupportSet], per_class: dict, n_support: int) -> dict:
+    """The efficient path: the same support sets written as a dataset run and read back from its shards."""
     with tempfile.TemporaryDirectory(prefix="bench-ovdiff-run-") as tmp:
         write_s = write_support_run(supports, Path(tmp))
         read = {}
         same = True
         for sup in supports:
             t0 = time.perf_counter()
-            again = support_from_run(tmp, sup.class_name, s.n_support)
+            again = support_from_run(tmp, sup.class_name, n_support)
             read[sup.class_name] = time.perf_counter() - t0
             same &= bool(np.array_equal(again.images, sup.images) and np.array_equal(again.fg, sup.fg)
                          and np.array_equal(again.bg, sup.bg))
     gen_total = sum(p["generate_seconds"] for p in per_class.values())
     read_total = sum(read.values())
-    reuse = {"generate_seconds": gen_total, "read_seconds": read_total, "saved_seconds": gen_total - read_total,
-             "speedup": gen_total / max(read_total, 1e-9), "write_seconds_not_counted": write_s,
-             "identical_support": same, "read_per_class": read}
+    return {"generate_seconds": gen_total, "read_seconds": read_total, "saved_seconds": gen_total - read_total,
+            "speedup": gen_total / max(read_total, 1e-9), "write_seconds_not_counted": write_s,
+            "identical_support": same, "read_per_class": read}
 
+
+VARIANTS = {"full": {}, "no background prototypes": {"use_background": False},
+            "no parts": {"use_parts": False}, "no instance prototypes": {"use_instances": False}}
+
+
+def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd", log=print) -> dict:
+    """Everything `bench-ovdiff` prints, as a dict.
+
+    Every mIoU is the mean over `support_draws` support sets (seeds seed, seed + 1, ...): on this
+    world one draw moves the full method's mIoU by several points, more than the ablations differ.
+    Build times and the support-reuse timing are the first draw's.
+    """
+    s = (settings or BenchSettings()).resolved()
+    if s.split not in SCENE_SEEDS:
+        raise ValueError(f"unknown split {s.split!r}; choose one of: {', '.join(SCENE_SEEDS)}")
+    if s.support_draws < 1:
+        raise ValueError(f"support_draws must be at least 1, got {s.support_draws}")
+    make_refiner(s.refine)  # an unknown name fails here, before any generation
+    features = SDQueryFeatures(pipe, layers=s.layers, timestep=s.timestep, size=s.feature_size, model_id=model_id)
+    fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **vars(s)})
     images, labels = rendered_test_set(s.n_test, SCENE_SEEDS[s.split])
     cached = CachedFeatures(features)
-    variants = {"full": {}, "no background prototypes": {"use_background": False},
-                "no parts": {"use_parts": False}, "no instance prototypes": {"use_instances": False}}
-    table, seconds = {}, {}
-    for name, kw in variants.items():
-        table[name], seconds[name] = evaluate_bank(cached, bank, images, labels, s, **kw)
-        log(f"  {name}: mIoU {table[name]['miou']:.3f}")
-    extra = {}
+    diag_names = {"recovered": "diagnostic: generated support, masks recovered from colours",
+                  "rendered": "diagnostic: rendered support, exact masks"}
+    tables: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    for draw in range(s.support_draws):
+        seed = s.seed + draw
+        supports, bank, per_class_draw = build_draw(pipe, features, s, seed, fp, log)
+        if draw == 0:
+            per_class, first_supports, first_bank = per_class_draw, supports, bank
+            reuse = support_reuse(supports, per_class, s.n_support)
+        rows = {name: (bank, kw) for name, kw in VARIANTS.items()}
+        if s.diagnostics:
+            sets = {"recovered": [recovered_support(x) for x in supports],
+                    "rendered": [rendered_support(c, s.n_support, seed) for c in SHAPES]}
+            for key, support_sets in sets.items():
+                rows[diag_names[key]] = (merge_banks([bank_from_support(
+                    x, features, k_parts=s.k_parts, seed=seed, fg_min_fraction=s.fg_min_fraction,
+                    bg_min_fraction=s.bg_min_fraction, fingerprint=fp) for x in support_sets]), {})
+        if s.refine != "none":
+            rows["full, no refinement"] = (bank, {"refine": None})
+        for name, (b, kw) in rows.items():
+            table, secs = evaluate_bank(cached, b, images, labels, s, **kw)
+            tables.setdefault(name, []).append(table)
+            if draw == 0:
+                seconds[name] = secs
+        log(f"  draw {seed}: " + ", ".join(f"{n} {tables[n][-1]['miou']:.3f}" for n in VARIANTS))
+    table = {name: mean_table(tables[name]) for name in VARIANTS}
+    extra = {name: mean_table(ts) for name, ts in tables.items() if name not in VARIANTS}
     if s.diagnostics:
-        diag = {"diagnostic: generated support, masks recovered from colours": [recovered_support(x) for x in supports],
-                "diagnostic: rendered support, exact masks": [rendered_support(c, s.n_support, s.seed) for c in SHAPES]}
-        for name, sets in diag.items():
-            dbank = merge_banks([bank_from_support(x, features, k_parts=s.k_parts, seed=s.seed,
-                                                   fg_min_fraction=s.fg_min_fraction,
-                                                   bg_min_fraction=s.bg_min_fraction, fingerprint=fp) for x in sets])
-            extra[name], _ = evaluate_bank(cached, dbank, images, labels, s)
-            log(f"  {name}: mIoU {extra[name]['miou']:.3f}")
         name = "control: classes coded by colour (rendered support + test, exact masks)"
         extra[name] = colour_coded_control(features, s)
         log(f"  {name}: mIoU {extra[name]['miou']:.3f}")
-    if s.refine != "none":
-        name = "full, no refinement"
-        extra[name], seconds[name] = evaluate_bank(cached, bank, images, labels, s, refine=None)
     full = table["full"]["miou"]
     checks = {"full >= 0.80": full >= TARGET_FULL}
     checks.update({f"{k} <= full": v["miou"] <= full + 1e-9 for k, v in table.items() if k != "full"})
@@ -392,9 +438,9 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
         "per_class_build": per_class, "support_reuse": reuse,
         "segment_seconds_per_image": seconds["full"] / len(images),  # features + scoring, first pass
         "score_seconds_per_image": {k: v / len(images) for k, v in seconds.items() if k != "full"},
-        "support_mask_quality": {sup.class_name: support_mask_iou(sup) for sup in supports},
-        "instance_similarity": colour_vs_shape_similarity(bank, supports),
-        "bank_prototypes": len(bank), "feature_grid": list(cached(images[:1]).shape[-2:]),
+        "support_mask_quality": {sup.class_name: support_mask_iou(sup) for sup in first_supports},
+        "instance_similarity": colour_vs_shape_similarity(first_bank, first_supports),
+        "bank_prototypes": len(first_bank), "feature_grid": list(cached(images[:1]).shape[-2:]),
         "image_size": IMAGE_SIZE,
     }
 
@@ -405,12 +451,14 @@ def format_report(r: dict) -> str:
              f"(\"a {{colour}} {{class}}\", {s['extractor']} {s['extractor_params']} masks, K = {s['k_parts']} parts, t = {s['timestep']}), "
              f"{r['bank_prototypes']} prototypes; {s['n_test']} rendered {s.get('split', 'test').upper()} scenes (exact truth); "
              f"features {r['feature_grid'][0]}x{r['feature_grid'][1]} for {r['image_size']} px images; "
-             f"scores refined with {s.get('refine', 'none')} in every row unless it says otherwise",
-             "| variant | mIoU | " + " | ".join(r["classes"]) + " | pixel acc |",
-             "|---" * (len(r["classes"]) + 3) + "|"]
+             f"scores refined with {s.get('refine', 'none')} in every row unless it says otherwise; "
+             f"mean over {s.get('support_draws', 1)} support draws (seeds {s['seed']}..{s['seed'] + s.get('support_draws', 1) - 1})",
+             "| variant | mIoU | per draw | " + " | ".join(r["classes"]) + " | pixel acc |",
+             "|---" * (len(r["classes"]) + 4) + "|"]
     for name, t in list(r["table"].items()) + list(r["extra"].items()):
         cells = " | ".join(f"{t['per_class'][c]:.3f}" for c in r["classes"])
-        lines.append(f"| {name} | {t['miou']:.3f} | {cells} | {t['pixel_acc']:.3f} |")
+        draws = " ".join(f"{m:.3f}" for m in t.get("miou_per_draw", []))
+        lines.append(f"| {name} | {t['miou']:.3f} | {draws} | {cells} | {t['pixel_acc']:.3f} |")
     lines.append("checks: " + "; ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in r["checks"].items()))
     if r.get("support_mask_quality"):
         lines.append("support masks vs colour-recovered truth: " + "; ".join(
@@ -419,7 +467,7 @@ def format_report(r: dict) -> str:
     if r.get("instance_similarity"):
         lines.append("mean cosine of fg instance prototypes (what the features care about): " + "; ".join(
             f"{k} {v:.2f}" for k, v in r["instance_similarity"].items()))
-    lines += ["", "bank build per class (generate support + features + prototypes):",
+    lines += ["", "bank build per class, first draw (generate support + features + prototypes):",
               "| class | support images kept / generated | generate s | features+prototypes s | total s | "
               "fg / bg prototypes |",
               "|---|---|---|---|---|---|"]
@@ -469,7 +517,8 @@ def main_args(a) -> int:
                              layers=a.layers.split(",") if getattr(a, "layers", None) else None,
                              refine=getattr(a, "refine", DEFAULT_REFINER),
                              diagnostics=not getattr(a, "no_diagnostics", False),
-                             split=getattr(a, "split", "test"))
+                             split=getattr(a, "split", "test"),
+                             support_draws=getattr(a, "support_draws", BenchSettings.support_draws))
     pipe = load_pipeline(a.model)
     note = checkpoint_note(a.model)
     if note:
