@@ -453,12 +453,13 @@ def format_report(r: dict) -> str:
              f"features {r['feature_grid'][0]}x{r['feature_grid'][1]} for {r['image_size']} px images; "
              f"scores refined with {s.get('refine', 'none')} in every row unless it says otherwise; "
              f"mean over {s.get('support_draws', 1)} support draws (seeds {s['seed']}..{s['seed'] + s.get('support_draws', 1) - 1})",
-             "| variant | mIoU | per draw | " + " | ".join(r["classes"]) + " | pixel acc |",
+             "| variant | mIoU (± std over draws) | per draw | " + " | ".join(r["classes"]) + " | pixel acc |",
              "|---" * (len(r["classes"]) + 4) + "|"]
     for name, t in list(r["table"].items()) + list(r["extra"].items()):
         cells = " | ".join(f"{t['per_class'][c]:.3f}" for c in r["classes"])
         draws = " ".join(f"{m:.3f}" for m in t.get("miou_per_draw", []))
-        lines.append(f"| {name} | {t['miou']:.3f} | {draws} | {cells} | {t['pixel_acc']:.3f} |")
+        spread = f" ± {t['miou_std']:.3f}" if len(t.get("miou_per_draw", [])) > 1 else ""
+        lines.append(f"| {name} | {t['miou']:.3f}{spread} | {draws} | {cells} | {t['pixel_acc']:.3f} |")
     lines.append("checks: " + "; ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in r["checks"].items()))
     if r.get("support_mask_quality"):
         lines.append("support masks vs colour-recovered truth: " + "; ".join(
