@@ -224,6 +224,22 @@ def test_instance_similarity_groups_pairs_by_shape_and_colour():
     assert sims["other shape, other colour"] == pytest.approx(0.0, abs=1e-6)
     assert bench_ovdiff.prompt_colour("a green star") == "green" and bench_ovdiff.prompt_colour("a star") is None
 
+
+def test_bench_ovdiff_runs_end_to_end_on_the_embedded_model_and_averages_its_draws():
+    from maskmill.models import load_pipeline
+    from maskmill.toyworld import bench_ovdiff
+
+    settings = bench_ovdiff.BenchSettings(n_support=2, n_test=3, k_parts=2, support_draws=2, diagnostics=False)
+    report = bench_ovdiff.run(load_pipeline("shapes-sd"), settings, log=lambda *_: None)
+    full = report["table"]["full"]
+    assert len(full["miou_per_draw"]) == 2 and full["miou"] == pytest.approx(np.mean(full["miou_per_draw"]))
+    assert set(report["table"]) == set(bench_ovdiff.VARIANTS)
+    assert report["extra"]["full, no refinement"]["miou_per_draw"]  # PAMR is the default: unrefined row too
+    assert report["support_reuse"]["identical_support"]
+    assert set(report["checks"]) == {"full >= 0.80"} | {f"{k} <= full" for k in bench_ovdiff.VARIANTS if k != "full"}
+    text = bench_ovdiff.format_report(report)
+    assert "mean over 2 support draws (seeds 0..1)" in text and f"| full | {full['miou']:.3f} ± " in text
+
 def test_training_set_cache_is_used_only_when_it_holds_the_requested_scenes(tmp_path):
     from maskmill.toyworld.train import DATA_KEYS, load_training_set
 
