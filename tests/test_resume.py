@@ -69,9 +69,14 @@ for line in sys.stdin:
 
 
 class Zygote:
-    def __init__(self, model: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=subprocess_env(), cwd=REPO)
+    def __init__(self, model: Path, stderr_path: Path) -> None:
+        self.stderr_path = stderr_path  # the children's tracebacks, for the failure message
+        with open(stderr_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(model)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=subprocess_env(), cwd=REPO)
+
+    def stderr_tail(self, chars: int = 3000) -> str:
+        return self.stderr_path.read_text(errors="replace")[-chars:]
 
     def start(self, argv: list[str]) -> int:
         self.proc.stdin.write(" ".join(argv) + "\n")
@@ -90,8 +95,15 @@ class Zygote:
         while True:
             line = self.readline()
             if line.startswith("EXIT"):
-                assert int(line.split()[1]) == pid
-                return int(line.split()[2])
+                return self.exit_status(line, pid)
+
+    def exit_status(self, line: str, pid: int) -> int:
+        """The status of an EXIT line; a runner that crashed (not killed, exit code != 0) fails the test."""
+        assert int(line.split()[1]) == pid
+        status = int(line.split()[2])
+        crashed = os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0
+        assert not crashed, f"the runner exited with code {os.WEXITSTATUS(status)}:\n{self.stderr_tail()}"
+        return status
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -111,6 +123,10 @@ def _attempt(zygote: Zygote, cfg_path: Path, rng: random.Random, log: list[dict]
     pid = zygote.start(["--config", str(cfg_path), "--ready", "--no-progress", "--no-finalize"])
     if from_ready:
         line = zygote.readline()  # READY once the pipeline is loaded (or the summary: nothing to do)
+        if line.startswith("EXIT"):  # gone before READY: it crashed (fails here) or printed nothing
+            zygote.exit_status(line, pid)
+            log.append({"delay": None, "finished": True})
+            return True
         if not line.startswith("READY"):
             zygote.wait_exit(pid)
             log.append({"delay": None, "finished": True})
@@ -138,7 +154,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     attempts: list[dict] = []
     kills = torn = 0
     t0 = time.monotonic()
-    zygote = Zygote(model)
+    zygote = Zygote(model, tmp_path / "runner-stderr.txt")
     try:
         while kills < MIN_KILLS + 2 and time.monotonic() - t0 < KILL_BUDGET_S:
             if _attempt(zygote, cfg_path, rng, attempts):
