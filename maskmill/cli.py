@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--no-diagnostics", action="store_true", help="skip the oracle-support diagnostic rows")
     to.add_argument("--split", choices=["test", "tune"], default="test",
                     help="rendered scenes to segment: test (reported figures) or tune (choosing settings)")
-    to.add_argument("--support-draws", type=int, default=6,
-                    help="support sets (seeds 0, 1, ...) every mIoU is averaged over (default 6)")
+    to.add_argument("--support-draws", type=int, default=6,  # = BenchSettings.support_draws (a test checks)
+                    help="support sets (seeds 0, 1, ...) every mIoU is averaged over (default %(default)s)")
     to.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy machine)")
     to.add_argument("--json", type=Path)
     t.set_defaults(fn=_cmd_toyworld)

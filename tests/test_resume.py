@@ -123,12 +123,9 @@ def _attempt(zygote: Zygote, cfg_path: Path, rng: random.Random, log: list[dict]
     pid = zygote.start(["--config", str(cfg_path), "--ready", "--no-progress", "--no-finalize"])
     if from_ready:
         line = zygote.readline()  # READY once the pipeline is loaded (or the summary: nothing to do)
-        if line.startswith("EXIT"):  # gone before READY: it crashed (fails here) or printed nothing
-            zygote.exit_status(line, pid)
-            log.append({"delay": None, "finished": True})
-            return True
         if not line.startswith("READY"):
-            zygote.wait_exit(pid)
+            # EXIT: gone before READY, so it crashed (fails in exit_status) or printed nothing
+            zygote.exit_status(line, pid) if line.startswith("EXIT") else zygote.wait_exit(pid)
             log.append({"delay": None, "finished": True})
             return True
     # kill after `delay` unless it exits first; the fork server reports the exit either way

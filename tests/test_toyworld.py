@@ -179,6 +179,10 @@ def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_ref
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(refine="crf"))
     with pytest.raises(ValueError, match="support_draws must be at least 1, got 0"):
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(support_draws=0))
+    from maskmill.cli import build_parser
+
+    cli_default = build_parser().parse_args(["toyworld", "bench-ovdiff"]).support_draws
+    assert cli_default == bench_ovdiff.BenchSettings.support_draws
 
 
 def test_bench_ovdiff_averages_iou_tables_over_support_draws():
