@@ -4,7 +4,7 @@ import torch
 
 from maskmill.toyworld import grounding
 from maskmill.toyworld.build import build_models, clip_tokenizer
-from maskmill.toyworld.train import grow_text_layers
+from maskmill.toyworld.train import grow_text_layers, grow_transformer_layers
 
 
 def test_object_token_positions_follow_the_caption_and_pad_with_minus_one():
@@ -97,3 +97,21 @@ def test_grown_text_layers_start_as_identities_and_cannot_shrink():
     assert grown.config.num_hidden_layers == 2
     with pytest.raises(ValueError, match="--text-layers 1 is fewer than the 2 layers"):
         grow_text_layers(grown, 1)
+
+
+def test_grown_unet_transformer_layers_start_as_identities_and_cannot_shrink():
+    torch.manual_seed(0)
+    _, _, unet = build_models(0)
+    for p in unet.parameters():  # diffusers zero-inits proj_out: randomise so the check can fail
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        before = unet(x, t, cond).sample
+        grown = grow_transformer_layers(unet, 2)
+        torch.testing.assert_close(grown(x, t, cond).sample, before)
+    assert grown.config.transformer_layers_per_block == 2
+    assert len(grown.down_blocks[0].attentions[0].transformer_blocks) == 2
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in unet.parameters())
+    assert grow_transformer_layers(grown, None) is grown
+    with pytest.raises(ValueError, match="--unet-transformer-layers 1: the --init-from UNet has 2"):
+        grow_transformer_layers(grown, 1)

@@ -78,15 +78,24 @@ def test_training_command_runs_a_few_steps_and_saves_a_loadable_pipeline(tmp_pat
     summary = json.loads((third / "training_summary.json").read_text())
     assert summary["init_from"] == str(again) and summary["text_layers"] == 0
 
-    # a fourth grows a text layer and trains with the grounding loss (labels come from the renderer)
+    # a fourth grows a text layer and the UNet's transformer blocks, and trains with the grounding
+    # loss (labels come from the renderer; it reads the new blocks' cross-attention too)
     fourth = tmp_path / "m4"
     main(["--out", str(fourth), "--steps", "2", "--scenes", "64", "--batch", "4", "--vae-from", str(again),
-          "--init-from", str(again), "--text-layers", "1", "--grounding", "0.1"])
+          "--init-from", str(again), "--text-layers", "1", "--grounding", "0.1", "--unet-transformer-layers", "2"])
     summary = json.loads((fourth / "training_summary.json").read_text())
     assert summary["text_layers"] == 1 and summary["grounding_weight"] == 0.1
+    assert summary["unet_transformer_layers"] == 2
     steps = [r for r in json.loads((fourth / "training_log.json").read_text())["history"] if r["stage"] == "unet"]
     assert all(0.0 < r["token_loss"] <= 1.0 for r in steps)
-    assert load_pipeline(str(fourth)).text_encoder.config.num_hidden_layers == 1
+    for bad, why in (("1", "the --init-from UNet has 2 per attention"), ("0", "must be at least 1")):
+        with pytest.raises(ValueError, match=f"--unet-transformer-layers {bad}: {why}"):
+            main(["--out", str(tmp_path / "never"), "--steps", "1", "--init-from", str(fourth),
+                  "--unet-transformer-layers", bad, "--data-cache", str(tmp_path / "never.npz")])
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never.npz").exists()
+    grown = load_pipeline(str(fourth))
+    assert grown.text_encoder.config.num_hidden_layers == 1
+    assert len(grown.unet.mid_block.attentions[0].transformer_blocks) == 2
 
 
 # --- bench-masks: variants files and per-window capture ------------------------------------------

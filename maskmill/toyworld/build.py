@@ -97,7 +97,7 @@ def unet_config() -> dict:
     )
 
 
-def build_models(text_layers: int = 2):
+def build_models(text_layers: int = 2, unet_transformer_layers: int = 1):
     """Fresh (vae, text_encoder, unet) with the micro SD architecture.
 
     text_layers=0 leaves the CLIPTextModel its token + position embeddings and final norm only:
@@ -110,7 +110,7 @@ def build_models(text_layers: int = 2):
     return (
         AutoencoderKL(**vae_config()),
         CLIPTextModel(CLIPTextConfig(**text_config(text_layers))),
-        UNet2DConditionModel(**unet_config()),
+        UNet2DConditionModel(**unet_config(), transformer_layers_per_block=unet_transformer_layers),
     )
 
 

@@ -112,6 +112,38 @@ def grow_text_layers(text_encoder, layers: int | None):
     return text_encoder
 
 
+def grow_transformer_layers(unet, layers: int | None):
+    """A UNet with `layers` transformer blocks per attention, computing exactly what `unet` does.
+
+    Each new block starts as a copy of the attention's first block (its attention maps already
+    grounded) with its three residual outputs zeroed; training grows it from there.
+    """
+    from diffusers import UNet2DConditionModel
+
+    have = unet.config.transformer_layers_per_block
+    if layers is None or layers == have:
+        return unet
+    if not isinstance(have, int) or layers < have:
+        raise ValueError(f"--unet-transformer-layers {layers}: the --init-from UNet has {have} per attention "
+                         "and can only grow to a larger single count")
+    grown = UNet2DConditionModel.from_config({**unet.config, "transformer_layers_per_block": layers})
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"cannot grow this UNet: unexpected weights {unexpected[:3]}")
+    for name, blocks in grown.named_modules():
+        if not name.endswith("transformer_blocks"):
+            continue
+        for k in range(have, layers):
+            blocks[k].load_state_dict(blocks[0].state_dict())
+            for proj in (blocks[k].attn1.to_out[0], blocks[k].attn2.to_out[0], blocks[k].ff.net[2]):
+                torch.nn.init.zeros_(proj.weight)
+                torch.nn.init.zeros_(proj.bias)
+            missing = [m for m in missing if not m.startswith(f"{name}.{k}.")]
+    if missing:
+        raise ValueError(f"cannot grow this UNet: weights without a source {missing[:3]}")
+    return grown
+
+
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -149,9 +181,16 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
           lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
           data_cache: str | None = None, workers: int = 2, text_layers: int | None = None,
           vae_from: str | None = None, init_from: str | None = None, grounding_weight: float = 0.0,
-          pixel_weight: float = 0.0, colour_dropout: float = 0.0) -> dict:
+          pixel_weight: float = 0.0, colour_dropout: float = 0.0, unet_layers: int | None = None) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    if unet_layers is not None and unet_layers < 1:
+        raise ValueError(f"--unet-transformer-layers {unet_layers}: must be at least 1")
+    if init_from and unet_layers is not None:  # refuse a shrink before rendering or encoding anything
+        have = json.loads((Path(init_from) / "unet" / "config.json").read_text())["transformer_layers_per_block"]
+        if have != unet_layers and (not isinstance(have, int) or unet_layers < have):
+            raise ValueError(f"--unet-transformer-layers {unet_layers}: the --init-from UNet has {have} per "
+                             "attention and can only grow to a larger single count")
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # tiny weights/activations as denormals slowed CPU training several-fold
     out = Path(out)
@@ -173,16 +212,18 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     phrases = [str(p).split("|") for p in data["phrases"]] * 2
     log({"stage": "data", "scenes": len(data["images"])})
 
-    vae, text_encoder, unet = build_models(2 if text_layers is None else text_layers)
+    vae, text_encoder, unet = build_models(2 if text_layers is None else text_layers, unet_layers or 1)
     tokenizer = clip_tokenizer()
     if init_from:  # continue from a saved pipeline's UNet and text encoder (e.g. at a lower rate)
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        unet = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", dtype=torch.float32)
+        unet = grow_transformer_layers(
+            UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", dtype=torch.float32), unet_layers)
         text_encoder = grow_text_layers(
             CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder", dtype=torch.float32), text_layers)
-        log({"stage": "init", "loaded_from": str(init_from), "text_layers": text_encoder.config.num_hidden_layers})
+        log({"stage": "init", "loaded_from": str(init_from), "text_layers": text_encoder.config.num_hidden_layers,
+             "unet_transformer_layers": unet.config.transformer_layers_per_block})
     if vae_from:  # reuse a trained VAE (its own folder or a pipeline's vae/ subfolder): stage 1 skipped
         from diffusers import AutoencoderKL
 
@@ -283,7 +324,8 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     summary = {"steps": steps, "vae_steps": 0 if vae_from else vae_steps, "vae_from": vae_from,
                "text_layers": text_encoder.config.num_hidden_layers, "init_from": init_from,
                "grounding_weight": grounding_weight, "pixel_weight": pixel_weight,
-               "colour_dropout": colour_dropout, "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
+               "colour_dropout": colour_dropout, "unet_transformer_layers": unet.config.transformer_layers_per_block,
+               "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
                "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -313,13 +355,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="weight of the per-pixel grounding loss (grounding.py; 0 = off)")
     p.add_argument("--colour-dropout", type=float, default=0.0,
                    help="fraction of captions trained without their colour words (\"a circle and a square\")")
+    p.add_argument("--unet-transformer-layers", type=int,
+                   help="transformer blocks per UNet attention (default 1, or with --init-from that model's own; "
+                   "more than it has: the new ones start as identities)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed, vae_batch=a.vae_batch,
           data_cache=a.data_cache, workers=a.workers, text_layers=a.text_layers, vae_from=a.vae_from,
           init_from=a.init_from, grounding_weight=a.grounding,
-          pixel_weight=a.grounding_pixel, colour_dropout=a.colour_dropout)
+          pixel_weight=a.grounding_pixel, colour_dropout=a.colour_dropout, unet_layers=a.unet_transformer_layers)
 
 
 if __name__ == "__main__":
