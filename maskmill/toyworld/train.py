@@ -112,6 +112,17 @@ def grow_text_layers(text_encoder, layers: int | None):
     return text_encoder
 
 
+def check_unet_growth(have, layers: int | None) -> None:
+    """Refuse a transformer-block count the --init-from UNet (with `have` per attention) cannot grow to."""
+    if layers is None or layers == have:
+        return
+    if layers < 1:
+        raise ValueError(f"--unet-transformer-layers {layers}: must be at least 1")
+    if not isinstance(have, int) or layers < have:
+        raise ValueError(f"--unet-transformer-layers {layers}: the --init-from UNet has {have} per attention "
+                         "and can only grow to a larger single count")
+
+
 def grow_transformer_layers(unet, layers: int | None):
     """A UNet with `layers` transformer blocks per attention, computing exactly what `unet` does.
 
@@ -121,11 +132,9 @@ def grow_transformer_layers(unet, layers: int | None):
     from diffusers import UNet2DConditionModel
 
     have = unet.config.transformer_layers_per_block
+    check_unet_growth(have, layers)
     if layers is None or layers == have:
         return unet
-    if not isinstance(have, int) or layers < have:
-        raise ValueError(f"--unet-transformer-layers {layers}: the --init-from UNet has {have} per attention "
-                         "and can only grow to a larger single count")
     grown = UNet2DConditionModel.from_config({**unet.config, "transformer_layers_per_block": layers})
     missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
     if unexpected:
@@ -184,13 +193,9 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
           pixel_weight: float = 0.0, colour_dropout: float = 0.0, unet_layers: int | None = None) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    if unet_layers is not None and unet_layers < 1:
-        raise ValueError(f"--unet-transformer-layers {unet_layers}: must be at least 1")
-    if init_from and unet_layers is not None:  # refuse a shrink before rendering or encoding anything
-        have = json.loads((Path(init_from) / "unet" / "config.json").read_text())["transformer_layers_per_block"]
-        if have != unet_layers and (not isinstance(have, int) or unet_layers < have):
-            raise ValueError(f"--unet-transformer-layers {unet_layers}: the --init-from UNet has {have} per "
-                             "attention and can only grow to a larger single count")
+    if unet_layers is not None:  # refused before rendering or encoding anything
+        check_unet_growth(json.loads((Path(init_from) / "unet" / "config.json").read_text())
+                          ["transformer_layers_per_block"] if init_from else 1, unet_layers)
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # tiny weights/activations as denormals slowed CPU training several-fold
     out = Path(out)
