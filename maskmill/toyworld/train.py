@@ -87,6 +87,9 @@ def load_training_set(scenes: int, seed: int, workers: int, cache: Path | None) 
         with np.load(cache) as d:
             if all(k in d for k in DATA_KEYS) and len(d["captions"]) == scenes:
                 return {k: d[k] for k in DATA_KEYS}
+    # minutes for 16,000+ scenes: say why, or a stale cache looks like a hang
+    why = "no cache" if cache is None else f"{cache} missing or stale (no labels, or another scene count)"
+    print(f"rendering {scenes} scenes with {workers} workers: {why}", flush=True)
     data = render_training_set(scenes, seed, workers)
     if cache is not None:
         np.savez(cache, **data)
