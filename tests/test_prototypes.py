@@ -33,6 +33,8 @@ from maskmill.prototypes import (
 )
 from maskmill.prototypes.segment import prototype_scores
 
+from tolerances import assert_same_argmax_except_near_ties
+
 C, H, W = 8, 8, 8
 BG = 0  # feature direction of plain background
 DIRECTION = {"cat": 1, "dog": 2}
@@ -188,7 +190,8 @@ def test_chunked_similarity_equals_unchunked():
     for chunk in (1, 3, 7):
         part = prototype_scores(feats, bank, ["cat", "dog"], chunk=chunk)
         assert torch.allclose(full, part, atol=1e-6)
-        assert torch.equal(full.argmax(0), part.argmax(0))
+        # other chunk sizes, other matmul shapes: rounding may only swap near-tied classes
+        assert_same_argmax_except_near_ties(part.argmax(0), full)
 
 
 def test_unknown_class_and_wrong_feature_size_refused():

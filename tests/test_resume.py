@@ -7,9 +7,14 @@ are being generated and written; some from its start, landing in folder preparat
 or pipeline loading), at least 10 times within a time budget, rerunning it each time, then lets
 one rerun finish. The result must be the uninterrupted run's, byte for byte. To keep the test
 short, each attempt is forked from a process that has done the slow imports once.
+
+Nothing here waits without a deadline: every read from the fork server is bounded, and a child that
+stops answering is killed with its fork server (one process group) and reported with its stderr.
+The in-process runs are bounded by an alarm.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,8 +33,14 @@ from maskmill.runner import LOCKS_DIR, read_writers_log, run_direct
 from maskmill.shards import RunLayout, raw_samples, validate_run
 from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config
 
+from deadlines import LineReader, ReadTimeout, tail
+
 MIN_KILLS = 10
 KILL_BUDGET_S = 150  # the kill loop stops starting new attempts after this
+# Deadlines far above what a healthy run needs on a busy 2-core machine (the fork server's imports
+# take ~20 s, an attempt a few seconds, the whole run well under a minute): past them, it is stuck.
+ANSWER_TIMEOUT_S = 300  # one line from the fork server: PID, READY or EXIT
+IN_PROCESS_RUN_TIMEOUT_S = 600  # one run_direct in this process
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,23 +83,36 @@ class Zygote:
     def __init__(self, model: Path, stderr_path: Path) -> None:
         self.stderr_path = stderr_path  # the children's tracebacks, for the failure message
         with open(stderr_path, "w") as err:
+            # its own process group: the fork server and every child it forks are killed together
             self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(model)], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, text=True, env=subprocess_env(), cwd=REPO)
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=subprocess_env(), cwd=REPO,
+                                         start_new_session=True)
+        self.lines = LineReader(self.proc.stdout)
 
     def stderr_tail(self, chars: int = 3000) -> str:
-        return self.stderr_path.read_text(errors="replace")[-chars:]
+        return tail(self.stderr_path, chars)
 
     def start(self, argv: list[str]) -> int:
-        self.proc.stdin.write(" ".join(argv) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(" ".join(argv) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self.kill()
+            pytest.fail(f"the fork server died. stderr:\n{self.stderr_tail()}")
         line = self.readline()
         assert line.startswith("PID "), line
         return int(line.split()[1])
 
     def readline(self) -> str:
-        line = self.proc.stdout.readline()
+        try:
+            line = self.lines.readline(ANSWER_TIMEOUT_S)
+        except ReadTimeout as e:
+            self.kill()
+            pytest.fail(f"the runner or its fork server is stuck ({e}); both were killed. stderr:\n"
+                        f"{self.stderr_tail()}")
         if not line:
-            raise RuntimeError("fork server died")
+            self.kill()
+            pytest.fail(f"the fork server died. stderr:\n{self.stderr_tail()}")
         return line
 
     def wait_exit(self, pid: int) -> int:
@@ -105,13 +129,36 @@ class Zygote:
         assert not crashed, f"the runner exited with code {os.WEXITSTATUS(status)}:\n{self.stderr_tail()}"
         return status
 
+    def kill(self) -> None:
+        """SIGKILL the fork server and any child of it still running (they share its process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+
     def close(self) -> None:
-        self.proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            pass
+        self.kill()  # also a child left running: it would hold the run's locks
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str):
+    """Fail if the body runs longer than `seconds` (SIGALRM interrupts it, blocking calls included)."""
+    def expire(_signum, _frame):
+        raise TimeoutError(f"{what} still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _attempt(zygote: Zygote, cfg_path: Path, rng: random.Random, log: list[dict]) -> bool:
@@ -129,10 +176,16 @@ def _attempt(zygote: Zygote, cfg_path: Path, rng: random.Random, log: list[dict]
             log.append({"delay": None, "finished": True})
             return True
     # kill after `delay` unless it exits first; the fork server reports the exit either way
-    killer = threading.Timer(delay, lambda: os.kill(pid, signal.SIGKILL))
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):  # it may have exited just before
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Timer(delay, kill)
     killer.start()
-    status = zygote.wait_exit(pid)
-    killer.cancel()
+    try:
+        status = zygote.wait_exit(pid)
+    finally:
+        killer.cancel()
     killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     log.append({"delay": round(delay, 3), "from_ready": from_ready, "finished": not killed})
     return not killed
@@ -168,7 +221,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     completed_before_final = len(layout.completed_shards())
 
     # the final, uninterrupted rerun (same code path, in this process)
-    final = run_direct(cfg, cfg_path, progress=False)
+    with deadline(IN_PROCESS_RUN_TIMEOUT_S, "the final rerun"):
+        final = run_direct(cfg, cfg_path, progress=False)
     assert final["complete"] and final["valid"], final.get("validation")
     assert final["accepted"] == plan.total
 
@@ -195,10 +249,28 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     # and the result is the uninterrupted run's, byte for byte
     ref_path = write_config(tmp_path / "ref.yaml", model, tmp_path / "ref", images_per_class=7, batch_size=1,
                             steps=3)
-    ref = run_direct(load_config(ref_path), ref_path, progress=False, finalize=False)
+    with deadline(IN_PROCESS_RUN_TIMEOUT_S, "the reference run"):
+        ref = run_direct(load_config(ref_path), ref_path, progress=False, finalize=False)
     ref_layout = RunLayout(ref["run_dir"])
     for sid in range(plan.num_shards):
         assert layout.tar_path(sid).read_bytes() == ref_layout.tar_path(sid).read_bytes(), f"shard {sid}"
         assert pq.read_table(layout.manifest_path(sid)).equals(pq.read_table(ref_layout.manifest_path(sid)))
     print(json.dumps({"kills": kills, "torn": torn, "completed_before_final": completed_before_final,
                       "seconds": round(time.monotonic() - t0, 1), "attempts": attempts}))
+
+
+def test_a_silent_child_is_a_timeout_not_a_hang(tmp_path):
+    """The bounded read the test above relies on: a child that stops writing is a ReadTimeout."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('READY', flush=True); time.sleep(120)"],
+                             stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        lines = LineReader(child.stdout)
+        assert lines.readline(60) == "READY"
+        t0 = time.monotonic()
+        with pytest.raises(ReadTimeout, match="no line within 0.5 s"):
+            lines.readline(0.5)
+        assert time.monotonic() - t0 < 5
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert LineReader(child.stdout).readline(5) == ""  # a closed pipe is the end, not a wait

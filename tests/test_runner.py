@@ -31,6 +31,8 @@ from maskmill.runner import (
 )
 from maskmill.shards import RunLayout, raw_samples, validate_run
 
+from deadlines import LineReader, ReadTimeout, tail
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -242,19 +244,29 @@ def test_two_processes_on_one_run_write_each_shard_once(tmp_path, tiny_model):
     cfg = load_config(cfg_path)
     plan = RunPlan(cfg)
     go = tmp_path / "go"
+    errs = [tmp_path / f"worker-{i}.stderr" for i in range(2)]
+    err_files = [err.open("w") for err in errs]
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(cfg_path), str(go)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=subprocess_env(), cwd=REPO)
-             for _ in range(2)]
+                              stderr=f, text=True, env=subprocess_env(), cwd=REPO)
+             for f in err_files]
     try:
-        for p in procs:
-            assert p.stdout.readline().strip() == "READY"
-        go.touch()  # both start at once
-        outs = [p.communicate(timeout=120)[0] for p in procs]
+        try:  # bounded waits: a stuck worker fails the test with its stderr instead of hanging it
+            readers = [LineReader(p.stdout) for p in procs]
+            for r in readers:
+                assert r.readline(300) == "READY"
+            go.touch()  # both start at once
+            outs = [r.rest() + p.communicate(timeout=300)[0] for r, p in zip(readers, procs)]
+        except (ReadTimeout, subprocess.TimeoutExpired) as e:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"a worker is stuck ({e}); killed. stderr:\n" + "\n".join(tail(err) for err in errs))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for f in err_files:
+            f.close()
     assert all(p.returncode == 0 for p in procs)
     results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     written = [set(r["written"]) for r in results]
