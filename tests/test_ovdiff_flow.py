@@ -16,7 +16,7 @@ import pytest
 
 from maskmill.prototypes import load_bank
 from maskmill.prototypes.support import SupportSet, generate_support, masks_at, support_from_run
-from maskmill.runner import PIPELINE_LOADS
+from maskmill.run.pipelines import PIPELINE_LOADS
 from maskmill.shards import RunLayout, SampleRecord, build_meta, sample_key, write_shard
 from maskmill.toyworld.render import SHAPES, Scene, ShapeObject, render
 

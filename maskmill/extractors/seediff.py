@@ -17,7 +17,7 @@ import torch
 
 from ..capture import CaptureConfig
 from .attention_ops import class_cross_map, expand, minmax, otsu, propagate, resize
-from .base import ClassSpec, Extractor, MaskResult, SampleAttention, register, resolve_labels
+from .base import ClassSpec, Extractor, MaskResult, SampleAttention, resolve_labels
 from .pamr import pamr
 
 
@@ -47,7 +47,6 @@ def refine_background(self_attn: torch.Tensor, previous: torch.Tensor, side: int
     return minmax((1 - bg_score) * up)
 
 
-@register
 class SeeDiffExtractor(Extractor):
     """SeeDiff with parameters for any model: resolutions are chosen from what was captured."""
 
