@@ -45,8 +45,8 @@ def run_dir(tmp_path_factory):
     layout = RunLayout(root).create()
     layout.write_classes(RUN_CLASSES)
     scenes = [["circle"], ["square", "circle"], ["triangle"], ["circle", "square"], ["square"]]
-    write_shard(layout.shards_dir, 0, [scene_record(0, i, s, i) for i, s in enumerate(scenes[:3])])
-    write_shard(layout.shards_dir, 1, [scene_record(1, i, s, 3 + i) for i, s in enumerate(scenes[3:])])
+    write_shard(layout.root, 0, [scene_record(0, i, s, i) for i, s in enumerate(scenes[:3])])
+    write_shard(layout.root, 1, [scene_record(1, i, s, 3 + i) for i, s in enumerate(scenes[3:])])
     return root
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from ..config import RunConfig
 from ..produce import produce_shard
 from ..shards.layout import RunLayout
-from ..shards.writer import ShardStats
+from ..shards.stats import ShardStats
 from .locks import ShardLock
 from .writers_log import log_event
 
@@ -32,7 +32,7 @@ def produce_claimed(cfg: RunConfig, layout: RunLayout, shard_id: int, pipe, extr
         layout.clean_partial(shard_id)
         log_event(layout.root, shard_id, "claimed")
         try:
-            stats = produce_shard(cfg, shard_id, pipe, layout.shards_dir, extractor=extractor, progress=progress,
+            stats = produce_shard(cfg, shard_id, pipe, layout.root, extractor=extractor, progress=progress,
                                   generation_gate=generation_gate)
         except BaseException as e:
             log_event(layout.root, shard_id, "failed", error=f"{type(e).__name__}: {e}")

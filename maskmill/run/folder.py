@@ -3,7 +3,7 @@
     layout = prepare_run(cfg, "configs/shapes.yaml")   # folder, classes.json, config copy, cleanup
     pending = pending_shards(cfg, layout)              # shard ids without a completion marker
 
-Besides `shards/`, `manifests/` and `classes.json`, a run folder holds:
+Besides `shards/`, `manifests/`, `stats/` (see shards/layout.py) and `classes.json`, a run folder holds:
 
     config.yaml   the resolved config (overrides applied, loadable with `load_config`), fingerprint
                   in its header; the flow's shard tasks read this frozen copy

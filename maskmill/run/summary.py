@@ -8,7 +8,7 @@ from typing import Any
 from ..preview import contact_sheet
 from ..shards.layout import RunLayout
 from ..shards.validate import validate_run
-from ..shards.writer import ShardStats
+from ..shards.stats import ShardStats
 from .claim import shard_row
 from .folder import read_run_info
 
@@ -31,6 +31,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {
         "run_dir": str(layout.root),
         "shards_dir": str(layout.shards_dir),
+        "manifests_dir": str(layout.manifests_dir),
         "fingerprint": info.get("fingerprint"),
         "shards": len(rows),
         "num_shards": num_shards,
