@@ -32,7 +32,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 def _cmd_generate(a) -> int:
     from .config import ConfigError, load_config
-    from .run.folder import check_run_folder
+    from .run.direct import world_size
+    from .run.folder import check_run_folder, check_shard_ids
 
     if not a.direct and (a.ready or a.no_finalize or a.no_progress):
         print("error: --ready, --no-progress and --no-finalize apply to --direct runs only", file=sys.stderr)
@@ -41,6 +42,11 @@ def _cmd_generate(a) -> int:
         shard_ids = _shard_ids(a.shards)
         cfg = load_config(a.config, a.set)  # refuse a bad config before Prefect starts
         check_run_folder(cfg)  # and a folder holding another config's run (RunConflictError)
+        if shard_ids is not None:
+            check_shard_ids(cfg, shard_ids)
+            if world_size() > 1:
+                raise ValueError("--shards cannot be used under a multi-process launch: the ranks split the "
+                                 "pending shards between them")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -50,7 +56,7 @@ def _cmd_generate(a) -> int:
     try:
         summary = generate(cfg, a.config, a.set, direct=a.direct, shard_ids=shard_ids, progress=not a.no_progress,
                            finalize=not a.no_finalize, on_ready=ready)
-    except ConfigError as e:  # e.g. another worker started a run of another config in this folder meanwhile
+    except ConfigError as e:  # e.g. another config's run started in this folder meanwhile
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary is None:

@@ -390,7 +390,7 @@ def test_killed_process_leaves_only_temporaries_which_resume_cleans(tmp_path):
     report = validate_run(tmp_path)
     assert any("leftover temporary" in e for e in report.errors)
 
-    assert sorted(p.name for p in layout.clean_temporaries()) == ["00001.parquet.tmp", "00001.tar.tmp"]
+    assert sorted(p.name for p in layout.clean_partial(1)) == ["00001.parquet.tmp", "00001.tar.tmp"]
     write_shard(layout.root, 1, make_records(1, 8))  # resume redoes the incomplete shard
     assert layout.completed_shards() == [0, 1] and validate_run(tmp_path).ok
 

@@ -2,7 +2,7 @@
 
 - `cross`: the class tokens' cross-attention, thresholded.
 - `propagated`: Dataset Diffusion style, self-attention^k @ cross-attention, thresholded.
-- `cross_x_propagated`: the product of both (ANCHORS §4: propagation alone separates
+- `cross_x_propagated`: the product of both (propagation alone separates
   foreground from background, not one object from another; the product stays on the object).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SeeDiff (AAAI 2025): seed masks from cross-attention, grown through self-attention.
 
-For each class of the prompt (ANCHORS §2):
+For each class of the prompt:
 1. seeds: the class tokens' cross-attention at the seed resolution (per layer min-max
    normalised, summed, normalised), squared, Otsu threshold -> seed pixels;
 2. expansion: score(p) = sum over seeds s of cos(SA[s], SA[p]), min-max normalised;
@@ -69,7 +69,7 @@ class SeeDiffExtractor(Extractor):
         self.margin = margin
         # the authors average all steps; a later window captures less (cheaper) where masks allow it
         self.capture_steps = (float(capture_steps[0]), float(capture_steps[1]))
-        # Expansion separates foreground from background, not one object from another (ANCHORS §4):
+        # Expansion separates foreground from background, not one object from another:
         # with several classes in a prompt, weight each class's score by its own propagated
         # cross-attention before the per-pixel argmax.
         self.separate_by_cross = bool(separate_by_cross)

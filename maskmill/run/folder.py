@@ -87,8 +87,15 @@ def check_run_folder(cfg: RunConfig) -> None:
     root = run_root(cfg)
     info = read_run_info(root)
     mine = cfg.fingerprint()
+    layout = RunLayout(root)
+    strays = layout.strays()
+    if strays:
+        raise RunConflictError(
+            f"refusing to write into {root}: its shards/ folder holds files that are not shard tars "
+            f"({', '.join(p.name for p in strays[:3])}{', ...' if len(strays) > 3 else ''}; runs of older maskmill "
+            f"versions kept manifests and stats there). Choose another `output` (e.g. --set output={root}-2) "
+            f"or remove the folder.")
     if info is None:
-        layout = RunLayout(root)
         if layout.shard_ids_on_disk():
             raise RunConflictError(
                 f"refusing to write into {root}: it holds shards but no {RUN_INFO}, so it cannot be told "
@@ -183,12 +190,17 @@ def clean_run(layout: RunLayout) -> dict[str, list]:
     return {"stale_locks": removed_locks, "removed": cleaned}
 
 
-def pending_shards(cfg: RunConfig, layout: RunLayout, shard_ids: Iterable[int] | None = None) -> list[int]:
-    """The run's shard ids (or those of `shard_ids`) that are not complete, ascending."""
+def check_shard_ids(cfg: RunConfig, shard_ids: Iterable[int] | None) -> list[int]:
+    """`shard_ids` (default: all of the run's shards), sorted and unique; ValueError if one is not in the plan."""
     n = RunPlan(cfg).num_shards
-    wanted = range(n) if shard_ids is None else sorted(set(int(s) for s in shard_ids))
+    wanted = list(range(n)) if shard_ids is None else sorted(set(int(s) for s in shard_ids))
     bad = [s for s in wanted if not 0 <= s < n]
     if bad:
         raise ValueError(f"shards {bad} are outside this run's {n} shards (0..{n - 1})")
-    return [s for s in wanted if not layout.is_complete(s)]
+    return wanted
+
+
+def pending_shards(cfg: RunConfig, layout: RunLayout, shard_ids: Iterable[int] | None = None) -> list[int]:
+    """The run's shard ids (or those of `shard_ids`) that are not complete, ascending."""
+    return [s for s in check_shard_ids(cfg, shard_ids) if not layout.is_complete(s)]
 

@@ -38,6 +38,9 @@ def generate(cfg: RunConfig, config_path: str | os.PathLike, overrides: Iterable
     """
     overrides = list(overrides)
     if world_size() > 1:
+        if shard_ids is not None:
+            raise ValueError("shard ids cannot be chosen under a multi-process launch: the ranks split the "
+                             "pending shards between them")
         use_flow = not direct and bool(os.environ.get("PREFECT_API_URL"))
         return run_distributed(cfg, config_path, _flow_on_shards(str(config_path), overrides) if use_flow else None)
     if direct:

@@ -80,7 +80,7 @@ def validate_run(root: str | os.PathLike) -> ValidationReport:
         report.error(f"{layout.classes_path}: unreadable ({e})")
 
     for tmp in layout.temporaries():
-        report.error(f"{tmp.name}: leftover temporary file (interrupted write; run clean_temporaries)")
+        report.error(f"{tmp.name}: leftover temporary file (interrupted write; rerunning the run removes it)")
     for stray in layout.strays():
         report.error(f"{layout.shards_dir.name}/{stray.name}: not a shard tar; shards/ must hold only tars, or "
                      f"readers such as HF datasets take it for samples (manifests go to manifests/, stats to stats/)")
