@@ -10,7 +10,7 @@ Times here (2 cores, shapes-sd, 25 steps): ~1 s per sample, so the quick run tak
 (4 runs of 128 samples + the memory runs) and --samples 512 ~35 min.
 
 1. Overhead. An end-to-end shapes-world run (configs/shapes.yaml, its 25 steps, `--samples`
-   samples in shards of 32) made twice on fresh folders: by `maskmill.runner.run_direct`
+   samples in shards of 32) made twice on fresh folders: by `maskmill.run.direct.run_direct`
    (no Prefect) and by the `generate_dataset` flow (plan task, one mapped task per shard,
    validation, preview, summary, progress/table/markdown artifacts, INFO logs shipped to the
    API). Both load the pipeline once (the flow's worker cache is cleared before each run),
@@ -138,7 +138,7 @@ def memory_child(mode: str, samples: int, model: str, extra: list[str], out: Pat
     if mode == "flow":
         summary = generate_dataset(str(cfg_path), overrides)
     else:
-        from maskmill.runner import run_direct
+        from maskmill.run.direct import run_direct
 
         summary = run_direct(cfg, cfg_path, progress=False)
     seconds = time.perf_counter() - t
@@ -175,7 +175,8 @@ def run_memory(args, model: str, extra: list[str], tmp: Path) -> list[dict]:
 # --- overhead -------------------------------------------------------------------------------------------
 def run_overhead(args, model: str, extra: list[str], tmp: Path) -> dict:
     from maskmill.config import load_config
-    from maskmill.runner import clear_pipeline_cache, run_direct
+    from maskmill.run.direct import run_direct
+    from maskmill.run.pipelines import clear_pipeline_cache
 
     cfg_path = args.config
     if args.samples % 4:
@@ -231,7 +232,7 @@ def run_overhead(args, model: str, extra: list[str], tmp: Path) -> dict:
 
 def shard_seconds(run_dir: Path) -> float:
     """Time spent inside `produce_claimed` (claim -> shard written), from the run's writers.jsonl."""
-    from maskmill.runner import read_writers_log
+    from maskmill.run.writers_log import read_writers_log
 
     claimed, total = {}, 0.0
     for e in read_writers_log(run_dir):

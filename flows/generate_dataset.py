@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from maskmill.config import load_config  # noqa: E402
 from maskmill.plan import RunPlan  # noqa: E402
-from maskmill.runner import resolved_config_path, run_root  # noqa: E402
+from maskmill.run.folder import resolved_config_path, run_root  # noqa: E402
 from tasks import (  # noqa: E402
     plan_run,
     produce_shard_task,

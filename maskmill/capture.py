@@ -23,7 +23,32 @@ from functools import lru_cache
 
 import torch
 
-from .extractors.base import SampleAttention
+from .tokens import ClassSpec
+
+
+@dataclass
+class SampleAttention:
+    """What capture recorded for one sample, averaged over heads and captured steps (conditional half).
+
+    cross:  layer name -> (n_tokens, h, w) cross-attention probabilities of every prompt token.
+    self_attn: resolution side h -> (h*w, h*w) self-attention, mean over the captured layers of that side;
+            row i is where query pixel i attends (rows sum to 1).
+    cross_resolution: layer name -> h, for selecting layers by resolution.
+    features: optional named UNet feature maps (C, h, w), e.g. for DiffCut.
+    self_attn_layers: layer name -> (h*w, h*w), each layer on its own (diagnostics only).
+    """
+
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    cross_resolution: dict[str, int] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_attn_layers: dict[str, torch.Tensor] = field(default_factory=dict)  # only with per_layer_self
+
+    def class_cross_attention(self, spec: ClassSpec, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Per layer, the cross-attention of a class: the sum over its seed tokens, (h, w)."""
+        names = layers if layers is not None else list(self.cross)
+        idx = list(spec.token_indices)
+        return {n: self.cross[n][idx].sum(0) for n in names}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .atomic import atomic_write_bytes
 from .export import label_metadata
 from .shards.layout import RunLayout
 from .shards.reader import raw_samples
-from .shards.writer import ShardStats
+from .shards.stats import ShardStats
 
 CARD = "README.md"
 DEFAULT_LICENSE = "other"

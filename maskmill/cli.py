@@ -1,6 +1,7 @@
 """maskmill command line.
 
     maskmill generate --config configs/shapes.yaml [--set steps=10 --set output=outputs/x]
+    maskmill generate --config configs/shapes.yaml --direct [--shards 0,3] [--json]   # no Prefect
     maskmill preview outputs/shapes-demo          # contact sheet PNG of images with mask overlays
     maskmill validate outputs/shapes-demo         # reads every shard; exit 1 on any problem
     maskmill serve --config configs/shapes.yaml --cron "0 3 * * *"
@@ -31,27 +32,53 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 def _cmd_generate(a) -> int:
     from .config import ConfigError, load_config
-    from .runner import check_run_folder, run_distributed, world_size
+    from .run.direct import world_size
+    from .run.folder import check_run_folder, check_shard_ids
 
+    if not a.direct and (a.ready or a.no_finalize or a.no_progress):
+        print("error: --ready, --no-progress and --no-finalize apply to --direct runs only", file=sys.stderr)
+        return 2
     try:
+        shard_ids = _shard_ids(a.shards)
         cfg = load_config(a.config, a.set)  # refuse a bad config before Prefect starts
         check_run_folder(cfg)  # and a folder holding another config's run (RunConflictError)
-    except ConfigError as e:
+        if shard_ids is not None:
+            check_shard_ids(cfg, shard_ids)
+            if world_size() > 1:
+                raise ValueError("--shards cannot be used under a multi-process launch: the ranks split the "
+                                 "pending shards between them")
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if world_size() > 1:  # accelerate launch / torchrun: split the pending shards between processes
-        summary = run_distributed(cfg, str(a.config), list(a.set))
-        if summary is None:
-            return 0  # not the main process: it prints for everyone
-    else:
-        from flows.generate_dataset import generate_dataset
+    from .run.orchestrate import generate
 
-        summary = generate_dataset(config_path=str(a.config), overrides=list(a.set))
+    ready = (lambda: print("READY", flush=True)) if a.ready else None
+    try:
+        summary = generate(cfg, a.config, a.set, direct=a.direct, shard_ids=shard_ids, progress=not a.no_progress,
+                           finalize=not a.no_finalize, on_ready=ready)
+    except ConfigError as e:  # e.g. another config's run started in this folder meanwhile
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary is None:
+        return 0  # not the main process of a multi-process launch: it prints for everyone
     summary = {k: v for k, v in summary.items() if k != "per_shard"}
+    if a.json:
+        print(json.dumps(summary, default=str), flush=True)
+        return 0
     print(json.dumps(summary, indent=1, default=str))
     print(f"shards:        {summary['shards_dir']}")
     print(f"contact sheet: {summary['contact_sheet']}")
     return 0
+
+
+def _shard_ids(text: str | None) -> list[int] | None:
+    """`--shards 0,3,7` as ids; a clear error for anything else."""
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--shards takes comma-separated shard ids (e.g. 0,3,7), got {text!r}") from None
 
 
 def _cmd_preview(a) -> int:
@@ -72,7 +99,7 @@ def _cmd_validate(a) -> int:
 
 
 def _cmd_serve(a) -> int:
-    from flows.scheduled import serve
+    from .run.orchestrate import serve
 
     serve(config_path=str(a.config), cron=a.cron, name=a.name, overrides=list(a.set))
     return 0
@@ -122,9 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskmill", description="Synthetic segmentation data from SD attention.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="run the generate_dataset flow on a config")
+    g = sub.add_parser("generate", help="run the generate_dataset flow (or, with --direct, the runner) on a config")
     g.add_argument("--config", type=Path, required=True)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    g.add_argument("--shards", help="comma-separated shard ids (default: every pending shard)")
+    g.add_argument("--direct", action="store_true", help="run without Prefect (same shards, same bytes)")
+    g.add_argument("--ready", action="store_true", help="--direct: print READY once the pipeline is loaded")
+    g.add_argument("--no-progress", action="store_true", help="--direct: no progress bar")
+    g.add_argument("--no-finalize", action="store_true", help="--direct: skip validation and the contact sheet")
+    g.add_argument("--json", action="store_true", help="print the summary as one JSON line, nothing else")
     g.set_defaults(fn=_cmd_generate)
 
     v = sub.add_parser("preview", help="contact sheet of a run's samples with mask overlays")

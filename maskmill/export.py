@@ -29,7 +29,7 @@ from .preview import class_color
 from .shards.layout import RunLayout
 from .shards.reader import raw_samples
 from .shards.records import IGNORE
-from .shards.writer import MASK_FIELD
+from .shards.encode import MASK_FIELD
 
 FORMATS = ("mmseg", "folder")
 SPLITS = ("train", "val")

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import CaptureConfig, capture_attention
-from .extractors.base import SampleAttention
+from .capture import CaptureConfig, SampleAttention, capture_attention
 
 
 @dataclass

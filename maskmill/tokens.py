@@ -1,6 +1,16 @@
 """Which prompt tokens seed a class: the tokens of its phrase, wherever it occurs in the prompt."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class of a sample's prompt: its name and the prompt token positions that seed it."""
+
+    name: str
+    token_indices: tuple[int, ...]
+
 
 class ClassNotInPromptError(ValueError):
     pass

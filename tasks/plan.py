@@ -5,7 +5,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from maskmill.config import load_config
-from maskmill.runner import pending_shards, prepare_run
+from maskmill.run.folder import pending_shards, prepare_run
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)

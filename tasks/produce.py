@@ -1,6 +1,6 @@
 """The generation task: one shard per task run, mapped over shard ids.
 
-The pipeline is loaded once per worker process (`maskmill.runner.cached_pipeline`, keyed by
+The pipeline is loaded once per worker process (`maskmill.run.pipelines.cached_pipeline`, keyed by
 model, scheduler and device) and used by one task at a time.
 
 Concurrency limits, both opt-in on the worker's environment:
@@ -24,7 +24,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from maskmill.config import load_config
-from maskmill.runner import cached_pipeline, produce_claimed, prepare_run
+from maskmill.run.claim import produce_claimed
+from maskmill.run.folder import prepare_run
+from maskmill.run.pipelines import cached_pipeline
 
 GPU_TAG = "gpu"
 GPU_LIMIT_ENV = "MASKMILL_GPU_LIMIT"

@@ -37,7 +37,7 @@ from maskmill.prototypes.bank import (
     maskmill_version,
 )
 from maskmill.prototypes.cache import BankCache, safe_class_dirname
-from maskmill.runner import cached_pipeline, clear_pipeline_cache
+from maskmill.run.pipelines import cached_pipeline, clear_pipeline_cache
 
 log = logging.getLogger(__name__)
 

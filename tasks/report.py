@@ -6,7 +6,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from maskmill import runner
+from maskmill.run import summary as run_summary
 from maskmill.shards.validate import validate_run
 
 
@@ -21,10 +21,10 @@ def validate_run_task(run_dir: str) -> dict[str, Any]:
 @task(name="write-preview", cache_policy=NO_CACHE)
 def write_preview(run_dir: str, max_samples: int = 64) -> str:
     """Write `run_dir/contact_sheet.png` (images with mask overlays and class names); returns its path."""
-    return str(runner.write_contact_sheet(run_dir, max_samples=max_samples))
+    return str(run_summary.write_contact_sheet(run_dir, max_samples=max_samples))
 
 
 @task(name="summarize-run", cache_policy=NO_CACHE)
 def summarize_run(run_dir: str) -> dict[str, Any]:
-    """Totals and per-shard rows from the completed shards' stats files (see maskmill.runner.summarize_run)."""
-    return runner.summarize_run(run_dir)
+    """Totals and per-shard rows from the completed shards' stats files (see maskmill.run.summary.summarize_run)."""
+    return run_summary.summarize_run(run_dir)

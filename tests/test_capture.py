@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from maskmill.capture import AttentionStore, CaptureConfig, CaptureProcessor, capture_attention
-from maskmill.extractors.base import ClassSpec
+from maskmill.tokens import ClassSpec
 from maskmill.generate import GenerationSettings, generate_plain, generate_with_attention, latent_hw
 from maskmill.tokens import ClassNotInPromptError, phrase_token_indices
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from maskmill.extractors import diffcut
-from maskmill.extractors.base import _REGISTRY, IGNORE, ClassSpec, SampleAttention
+from maskmill.extractors.base import IGNORE, ClassSpec, SampleAttention
+from maskmill.extractors.registry import EXTRACTORS
 from maskmill.extractors.diffcut import (
     DiffCutExtractor,
     affinity,
@@ -184,7 +185,7 @@ def test_extractor_returns_a_valid_mask_result_at_image_size():
     for k in (1, 2):
         iou = ((result.labels == k) & (truth == k)).sum() / ((result.labels == k) | (truth == k)).sum()
         assert iou > 0.9
-    assert _REGISTRY["diffcut"] is DiffCutExtractor
+    assert EXTRACTORS["diffcut"] is DiffCutExtractor
     json.dumps(extractor.params())
 
 

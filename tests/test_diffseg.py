@@ -13,7 +13,8 @@ import torch
 from scipy.ndimage import binary_dilation
 from scipy.stats import entropy
 
-from maskmill.extractors.base import _REGISTRY, IGNORE, ClassSpec, MaskResult, SampleAttention
+from maskmill.extractors.base import IGNORE, ClassSpec, MaskResult, SampleAttention
+from maskmill.extractors.registry import EXTRACTORS
 from maskmill.extractors.diffseg import (
     DiffSegExtractor,
     aggregate_self_attention,
@@ -219,7 +220,7 @@ def test_extractor_returns_a_valid_mask_result_at_image_size():
     for k in (1, 2):
         assert (result.labels[truth == k] == k).all()
         assert (binary_dilation(truth == k) | (result.labels != k)).all()
-    assert _REGISTRY["diffseg"] is DiffSegExtractor
+    assert EXTRACTORS["diffseg"] is DiffSegExtractor
     json.dumps(extractor.params())
 
 

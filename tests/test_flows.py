@@ -23,7 +23,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from maskmill.config import load_config  # noqa: E402
-from maskmill.runner import RunConflictError, clear_pipeline_cache  # noqa: E402
+from maskmill.run.folder import RunConflictError  # noqa: E402
+from maskmill.run.pipelines import clear_pipeline_cache  # noqa: E402
 from maskmill.shards import RunLayout, validate_run  # noqa: E402
 from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config  # noqa: E402
 
@@ -98,7 +99,7 @@ def test_failed_shard_is_retried_and_redone_from_the_frozen_config(prefect_api, 
     editing the source config meanwhile changes nothing (tasks read the run's frozen config.yaml)."""
     import maskmill.produce as produce
     from flows.generate_dataset import generate_dataset
-    from maskmill.runner import read_writers_log
+    from maskmill.run.writers_log import read_writers_log
 
     cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "retried", images_per_class=1,
                             shard_size=4, batch_size=2)

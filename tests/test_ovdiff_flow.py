@@ -16,7 +16,7 @@ import pytest
 
 from maskmill.prototypes import load_bank
 from maskmill.prototypes.support import SupportSet, generate_support, masks_at, support_from_run
-from maskmill.runner import PIPELINE_LOADS
+from maskmill.run.pipelines import PIPELINE_LOADS
 from maskmill.shards import RunLayout, SampleRecord, build_meta, sample_key, write_shard
 from maskmill.toyworld.render import SHAPES, Scene, ShapeObject, render
 from tolerances import assert_same_image_up_to_rounding
@@ -46,8 +46,8 @@ def run_dir(tmp_path_factory):
     layout = RunLayout(root).create()
     layout.write_classes(RUN_CLASSES)
     scenes = [["circle"], ["square", "circle"], ["triangle"], ["circle", "square"], ["square"]]
-    write_shard(layout.shards_dir, 0, [scene_record(0, i, s, i) for i, s in enumerate(scenes[:3])])
-    write_shard(layout.shards_dir, 1, [scene_record(1, i, s, 3 + i) for i, s in enumerate(scenes[3:])])
+    write_shard(layout.root, 0, [scene_record(0, i, s, i) for i, s in enumerate(scenes[:3])])
+    write_shard(layout.root, 1, [scene_record(1, i, s, 3 + i) for i, s in enumerate(scenes[3:])])
     return root
 
 

@@ -32,7 +32,7 @@ def _records(n: int):
 def run(tmp_path):
     layout = RunLayout(tmp_path / "run").create()
     layout.write_classes(CLASSES)
-    write_shard(layout.shards_dir, 0, _records(5))
+    write_shard(layout.root, 0, _records(5))
     return layout
 
 

@@ -1,6 +1,6 @@
 """Kill a run with SIGKILL at random moments, rerun it, and check nothing is lost, doubled or torn.
 
-A subprocess runs the direct runner's command line (`python -m maskmill.runner`: the same work
+A subprocess runs the direct runner's command line (`maskmill generate --direct`: the same work
 the flow's tasks do) on a tiny random pipeline; the test kills it with SIGKILL after a seeded
 random delay (mostly counted from the moment the pipeline is loaded, so kills land while shards
 are being generated and written; some from its start, landing in folder preparation, cleanup
@@ -29,7 +29,9 @@ import pytest
 
 from maskmill.config import load_config
 from maskmill.plan import RunPlan
-from maskmill.runner import LOCKS_DIR, read_writers_log, run_direct
+from maskmill.run.direct import run_direct
+from maskmill.run.locks import LOCKS_DIR
+from maskmill.run.writers_log import read_writers_log
 from maskmill.shards import RunLayout, raw_samples, validate_run
 from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config
 
@@ -58,7 +60,7 @@ def one_thread():
 # SIGKILL by the test; only the import time (seconds per attempt on a busy machine) is saved.
 _ZYGOTE = """
 import os, sys
-import diffusers, transformers, maskmill.runner  # the slow imports, done once
+import diffusers, transformers, maskmill.cli, maskmill.run.direct  # the slow imports, done once
 from maskmill.extractors import get_extractor
 from maskmill.models import load_pipeline
 load_pipeline(sys.argv[1], "ddim", "cpu")  # warms diffusers' lazy imports; the children load their own
@@ -68,7 +70,7 @@ for line in sys.stdin:
     if pid == 0:
         sys.stdin.close()
         try:
-            code = maskmill.runner.main(argv)
+            code = maskmill.cli.main(argv)
         except BaseException:
             code = 1
         sys.stdout.flush()
@@ -167,7 +169,8 @@ def _attempt(zygote: Zygote, cfg_path: Path, rng: random.Random, log: list[dict]
 
     from_ready = rng.random() < 0.75
     delay = rng.uniform(0.05, 1.2) if from_ready else rng.uniform(0.0, 2.5)
-    pid = zygote.start(["--config", str(cfg_path), "--ready", "--no-progress", "--no-finalize"])
+    pid = zygote.start(["generate", "--direct", "--config", str(cfg_path), "--ready", "--no-progress", "--no-finalize",
+                        "--json"])
     if from_ready:
         line = zygote.readline()  # READY once the pipeline is loaded (or the summary: nothing to do)
         if not line.startswith("READY"):

@@ -19,16 +19,10 @@ import yaml
 
 from maskmill.config import load_config
 from maskmill.plan import RunPlan
-from maskmill.runner import (
-    CONFIG_COPY,
-    RUN_INFO,
-    RunConflictError,
-    ShardLock,
-    pending_shards,
-    prepare_run,
-    read_writers_log,
-    run_direct,
-)
+from maskmill.run.direct import run_direct
+from maskmill.run.folder import CONFIG_COPY, RUN_INFO, RunConflictError, pending_shards, prepare_run
+from maskmill.run.locks import ShardLock
+from maskmill.run.writers_log import read_writers_log
 from maskmill.shards import RunLayout, raw_samples, validate_run
 
 from deadlines import LineReader, ReadTimeout, tail
@@ -228,7 +222,7 @@ import sys, json, time
 from pathlib import Path
 from maskmill.config import load_config
 from maskmill.models import load_pipeline
-from maskmill.runner import run_direct
+from maskmill.run.direct import run_direct
 cfg = load_config(sys.argv[1])
 load_pipeline(cfg.model, cfg.scheduler, "cpu")  # warm imports and caches before the start line
 print("READY", flush=True)

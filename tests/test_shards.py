@@ -73,7 +73,7 @@ def make_run(root: Path, shards: int = 2, n: int = 8) -> RunLayout:
     layout = RunLayout(root).create()
     layout.write_classes(CLASSES)
     for sid in range(shards):
-        write_shard(layout.shards_dir, sid, make_records(sid, n))
+        write_shard(layout.root, sid, make_records(sid, n))
     return layout
 
 
@@ -90,7 +90,11 @@ def read_decoded(tar: Path) -> list[dict]:
 
 
 def files(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    """Every file under `d`, as paths relative to it."""
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) if d.exists() else []
+
+
+SHARD_0 = ["manifests/00000.parquet", "shards/00000.tar", "stats/00000_stats.json"]
 
 
 # --- keys and records ------------------------------------------------------------------------
@@ -145,10 +149,10 @@ def test_malformed_records_cannot_be_built(change, message):
 def test_shard_reads_back_with_webdataset_single_channel_masks(tmp_path):
     records = list(make_records(0, 8))
     stats = write_shard(tmp_path, 0, iter(records))
-    assert files(tmp_path) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert files(tmp_path) == SHARD_0
 
     accepted = [r for r in records if r.accepted]
-    samples = read_decoded(tmp_path / "00000.tar")
+    samples = read_decoded(tmp_path / "shards" / "00000.tar")
     assert [s["__key__"] for s in samples] == [r.key for r in accepted]
     for s, r in zip(samples, accepted):
         assert sorted(k for k in s if not k.startswith("__")) == ["json", "mask.png", "png"]
@@ -158,7 +162,7 @@ def test_shard_reads_back_with_webdataset_single_channel_masks(tmp_path):
         assert s["json"] == {**r.meta, "index": r.index}
 
     # every member of the tar, as raw bytes: masks are mode L PNGs
-    for raw in wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False):
+    for raw in wds.WebDataset(str(tmp_path / "shards" / "00000.tar"), shardshuffle=False):
         assert Image.open(io.BytesIO(raw["mask.png"])).mode == "L"
     assert (stats.records, stats.accepted, stats.rejected) == (8, 6, 2)
     assert stats.reasons == {"low confidence": 2}
@@ -181,10 +185,40 @@ def test_shards_read_with_hf_datasets_offline(tmp_path, monkeypatch):
     assert row["json"]["classes"] == ["circle"] and len(set(ds["__key__"])) == ds.num_rows
 
 
+@pytest.mark.parametrize("form", ["webdataset data_dir", "folder"])
+def test_hf_datasets_reads_the_shards_folder_as_samples_only(tmp_path, monkeypatch, form):
+    """shards/ holds only tars: HF datasets given the folder loads samples, never manifest or stats rows."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    layout = make_run(tmp_path / "run", shards=2, n=6)
+    cache = str(tmp_path / "hf")
+    if form == "folder":
+        ds = datasets.load_dataset(str(layout.shards_dir), split="train", cache_dir=cache)
+    else:
+        ds = datasets.load_dataset("webdataset", data_dir=str(layout.shards_dir), split="train", cache_dir=cache)
+    assert ds.num_rows == 2 * 5 and {"png", "mask.png", "json", "__key__"} <= set(ds.column_names)
+    assert "status" not in ds.column_names and "accepted" not in ds.column_names
+    assert ds[0]["png"].mode == "RGB" and ds[0]["mask.png"].mode == "L"
+    # the manifests load as one table of every record, from their own folder
+    manifests = datasets.load_dataset("parquet", data_dir=str(layout.manifests_dir), split="train", cache_dir=cache)
+    assert manifests.num_rows == 2 * 6 and manifests["status"].count("rejected") == 2
+
+
+def test_validate_flags_anything_but_tars_in_the_shards_folder(tmp_path):
+    layout = make_run(tmp_path, shards=1, n=4)
+    (layout.shards_dir / "00000.parquet").write_bytes(layout.manifest_path(0).read_bytes())  # the old layout
+    report = validate_run(tmp_path)
+    assert not report.ok
+    assert report.errors == ["shards/00000.parquet: not a shard tar; shards/ must hold only tars, or readers such as "
+                             "HF datasets take it for samples (manifests go to manifests/, stats to stats/)"]
+
+
 def test_jpg_images_keep_lossless_masks(tmp_path):
     records = list(make_records(0, 4, reject_every=0))
     write_shard(tmp_path, 0, records, image_format="jpg")
-    samples = read_decoded(tmp_path / "00000.tar")
+    samples = read_decoded(tmp_path / "shards" / "00000.tar")
     assert sorted(k for k in samples[0] if not k.startswith("__")) == ["jpg", "json", "mask.png"]
     for s, r in zip(samples, records):
         np.testing.assert_array_equal(s["mask.png"], r.mask)
@@ -194,7 +228,7 @@ def test_jpg_images_keep_lossless_masks(tmp_path):
 def test_manifest_lists_every_record_with_identical_columns(tmp_path):
     write_shard(tmp_path, 0, make_records(0, 8))
     write_shard(tmp_path, 1, make_records(1, 3, reject_every=0))
-    t0, t1 = pq.read_table(tmp_path / "00000.parquet"), pq.read_table(tmp_path / "00001.parquet")
+    t0, t1 = pq.read_table(tmp_path / "manifests" / "00000.parquet"), pq.read_table(tmp_path / "manifests" / "00001.parquet")
     assert t0.schema.remove_metadata().equals(MANIFEST_SCHEMA) and t1.schema.equals(t0.schema)
     rows = t0.to_pylist()
     assert [r["index"] for r in rows] == list(range(8))
@@ -210,11 +244,11 @@ def test_manifest_lists_every_record_with_identical_columns(tmp_path):
 
 def test_stats_count_reasons_bytes_and_coverage(tmp_path):
     stats = write_shard(tmp_path, 5, make_records(5, 8))
-    on_disk = json.loads((tmp_path / "00005_stats.json").read_text())
+    on_disk = json.loads((tmp_path / "stats" / "00005_stats.json").read_text())
     assert on_disk == stats.to_dict()
     assert stats.shard == "00005" and stats.fields == ["json", "mask.png", "png"]
-    assert stats.tar_bytes == (tmp_path / "00005.tar").stat().st_size
-    assert stats.manifest_bytes == (tmp_path / "00005.parquet").stat().st_size
+    assert stats.tar_bytes == (tmp_path / "shards" / "00005.tar").stat().st_size
+    assert stats.manifest_bytes == (tmp_path / "manifests" / "00005.parquet").stat().st_size
     assert (stats.first_index, stats.last_index) == (500, 507)
     assert set(stats.coverage) == {"1", "2"}
     # i = 3, 7 rejected; even i carry class 1 (4 samples), odd i class 2 (1 and 5)
@@ -228,10 +262,11 @@ def test_same_records_and_mtime_give_identical_bytes(tmp_path):
     write_shard(a, 0, make_records(0, 6), mtime=1_700_000_000)
     write_shard(b, 0, make_records(0, 6), mtime=1_700_000_000)
     write_shard(c, 0, make_records(0, 6), mtime=0)
-    assert (a / "00000.tar").read_bytes() == (b / "00000.tar").read_bytes()
-    assert (a / "00000.parquet").read_bytes() == (b / "00000.parquet").read_bytes()
-    assert (a / "00000.tar").read_bytes() != (c / "00000.tar").read_bytes()  # mtime is stamped
-    with tarfile.open(a / "00000.tar") as tf:
+    tar, manifest = Path("shards/00000.tar"), Path("manifests/00000.parquet")
+    assert (a / tar).read_bytes() == (b / tar).read_bytes()
+    assert (a / manifest).read_bytes() == (b / manifest).read_bytes()
+    assert (a / tar).read_bytes() != (c / tar).read_bytes()  # mtime is stamped
+    with tarfile.open(a / tar) as tf:
         members = tf.getmembers()
     assert {m.mtime for m in members} == {1_700_000_000}
     assert all(not m.pax_headers for m in members)  # int mtime: no extra PAX header per member
@@ -240,7 +275,7 @@ def test_same_records_and_mtime_give_identical_bytes(tmp_path):
 def test_empty_shard_is_complete_and_valid(tmp_path):
     layout = RunLayout(tmp_path).create()
     layout.write_classes(CLASSES)
-    stats = write_shard(layout.shards_dir, 0, [])
+    stats = write_shard(layout.root, 0, [])
     assert stats.records == 0 and layout.completed_shards() == [0]
     assert validate_run(tmp_path).ok
 
@@ -276,12 +311,12 @@ def test_bad_record_raises_and_leaves_no_files(tmp_path, bad, message):
         yield bad
 
     with pytest.raises(ValueError, match=message):
-        write_shard(tmp_path / "shards", 0, records())
-    assert files(tmp_path / "shards") == []
+        write_shard(tmp_path / "run", 0, records())
+    assert files(tmp_path / "run") == []
 
 
 def test_bad_first_record_touches_nothing(tmp_path):
-    out = tmp_path / "shards"
+    out = tmp_path / "run"
     with pytest.raises(ValueError, match="no dots"):
         write_shard(out, 0, [_mutated(key="a.b")])
     assert not out.exists()
@@ -306,7 +341,7 @@ def test_stats_file_is_renamed_into_place_last(tmp_path, monkeypatch):
 def test_failure_between_tar_and_stats_leaves_no_completion_marker(tmp_path, monkeypatch):
     layout = RunLayout(tmp_path).create()
     layout.write_classes(CLASSES)
-    write_shard(layout.shards_dir, 0, make_records(0, 4))
+    write_shard(layout.root, 0, make_records(0, 4))
 
     def crash(self, stats):
         raise RuntimeError("disk full")
@@ -314,13 +349,13 @@ def test_failure_between_tar_and_stats_leaves_no_completion_marker(tmp_path, mon
     monkeypatch.setattr(ShardWriter, "_write_stats", crash)
     # a clean failure: write_shard aborts and removes what it wrote
     with pytest.raises(RuntimeError, match="disk full"):
-        write_shard(layout.shards_dir, 1, make_records(1, 4))
-    assert files(layout.shards_dir) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+        write_shard(layout.root, 1, make_records(1, 4))
+    assert files(layout.root) == ["classes.json", *SHARD_0]
 
     # a hard kill at the same point (no abort runs): tar and manifest in place, no stats
     monkeypatch.setattr(ShardWriter, "abort", lambda self: None)
     with pytest.raises(RuntimeError):
-        write_shard(layout.shards_dir, 1, make_records(1, 4))
+        write_shard(layout.root, 1, make_records(1, 4))
     assert layout.tar_path(1).exists() and not layout.stats_path(1).exists()
     assert layout.completed_shards() == [0]
     report = validate_run(tmp_path)
@@ -345,18 +380,18 @@ def test_killed_process_leaves_only_temporaries_which_resume_cleans(tmp_path):
                 if i == 5:
                     os._exit(1)
                 yield r
-        write_shard({str(layout.shards_dir)!r}, 1, dying())
+        write_shard({str(layout.root)!r}, 1, dying())
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
-    assert files(layout.shards_dir) == ["00000.parquet", "00000.tar", "00000_stats.json",
-                                         "00001.parquet.tmp", "00001.tar.tmp"]
+    assert files(layout.root) == ["classes.json", "manifests/00000.parquet", "manifests/00001.parquet.tmp",
+                                  "shards/00000.tar", "shards/00001.tar.tmp", "stats/00000_stats.json"]
     assert layout.completed_shards() == [0]
     report = validate_run(tmp_path)
     assert any("leftover temporary" in e for e in report.errors)
 
-    assert sorted(p.name for p in layout.clean_temporaries()) == ["00001.parquet.tmp", "00001.tar.tmp"]
-    write_shard(layout.shards_dir, 1, make_records(1, 8))  # resume redoes the incomplete shard
+    assert sorted(p.name for p in layout.clean_partial(1)) == ["00001.parquet.tmp", "00001.tar.tmp"]
+    write_shard(layout.root, 1, make_records(1, 8))  # resume redoes the incomplete shard
     assert layout.completed_shards() == [0, 1] and validate_run(tmp_path).ok
 
 
@@ -369,7 +404,7 @@ def test_rewriting_a_shard_drops_its_old_completion_marker_first(tmp_path, monke
         writer_module.atomic_write_bytes(self.paths.stats, json.dumps(stats.to_dict()).encode())
 
     monkeypatch.setattr(ShardWriter, "_write_stats", record_state)
-    write_shard(layout.shards_dir, 0, make_records(0, 6))
+    write_shard(layout.root, 0, make_records(0, 6))
     assert seen == [False] and ShardStats.read(layout.stats_path(0)).records == 6
 
 
@@ -377,14 +412,15 @@ def test_rewriting_a_shard_drops_its_old_completion_marker_first(tmp_path, monke
 def test_layout_paths_classes_and_completed_shards(tmp_path):
     layout = RunLayout(tmp_path / "run").create()
     assert layout.tar_path(3) == tmp_path / "run" / "shards" / "00003.tar"
-    assert layout.manifest_path(3).name == "00003.parquet" and layout.stats_path(3).name == "00003_stats.json"
+    assert layout.manifest_path(3) == tmp_path / "run" / "manifests" / "00003.parquet"
+    assert layout.stats_path(3) == tmp_path / "run" / "stats" / "00003_stats.json"
     layout.write_classes(CLASSES)
     assert layout.read_classes() == CLASSES
     assert json.loads(layout.classes_path.read_text()) == CLASSES
     with pytest.raises(ValueError, match="duplicate"):
         layout.write_classes(["a", "a"])
     layout.stats_path(7).write_text("{}")  # stats without a tar is not complete
-    write_shard(layout.shards_dir, 2, make_records(2, 2))
+    write_shard(layout.root, 2, make_records(2, 2))
     assert layout.completed_shards() == [2]
     assert layout.shard_ids_on_disk() == [2, 7]
 
@@ -430,7 +466,7 @@ def test_validate_catches_a_tar_cut_at_a_member_boundary(tmp_path):
 
 def test_validate_catches_duplicate_keys_across_shards(tmp_path):
     layout = make_run(tmp_path, shards=1, n=4)
-    write_shard(layout.shards_dir, 1, make_records(0, 4))  # shard 1 reuses shard 0's keys
+    write_shard(layout.root, 1, make_records(0, 4))  # shard 1 reuses shard 0's keys
     report = validate_run(tmp_path)
     assert any("00001.tar:00000000: duplicate key (also in 00000.tar)" in e for e in report.errors)
 
@@ -441,7 +477,7 @@ def test_validate_catches_out_of_range_labels(tmp_path):
     bad = make_record(1, 0)
     bad.meta = {**bad.meta, "class_ids": [7]}
     bad.mask = np.where(bad.mask == 1, 7, bad.mask).astype(np.uint8)
-    write_shard(layout.shards_dir, 1, [bad])
+    write_shard(layout.root, 1, [bad])
     report = validate_run(tmp_path)
     assert not report.ok
     assert report.errors == ["00001.tar:00001000: mask labels [7] outside 0..3 and 255"]

@@ -1,5 +1,6 @@
 """Mask extractors: SeeDiff (default), DiffSeg, DiffCut, and the attention baselines."""
-from .base import IGNORE, ClassSpec, Extractor, MaskResult, SampleAttention, get_extractor, extractor_names, resolve_labels
+from .base import IGNORE, ClassSpec, Extractor, MaskResult, SampleAttention, resolve_labels
+from .registry import EXTRACTORS, extractor_names, get_extractor
 
-__all__ = ["IGNORE", "ClassSpec", "Extractor", "MaskResult", "SampleAttention", "get_extractor", "extractor_names",
-           "resolve_labels"]
+__all__ = ["EXTRACTORS", "IGNORE", "ClassSpec", "Extractor", "MaskResult", "SampleAttention", "extractor_names",
+           "get_extractor", "resolve_labels"]

@@ -1,51 +1,23 @@
 """The extractor contract: attention captured during generation in, a labelled mask out.
 
-Every extractor (SeeDiff, DiffSeg, DiffCut, the baselines) takes one sample's
-`SampleAttention` plus the classes of its prompt and returns a `MaskResult`, so
-flows and shard writers never care which one ran: the config picks it by name.
+Every extractor (SeeDiff, DiffSeg, DiffCut, the baselines) says what generation must capture
+for it (`capture_config`), then takes one sample's `SampleAttention` (maskmill.capture) plus the
+classes of its prompt (`ClassSpec`, maskmill.tokens) and returns a `MaskResult`, so flows and
+shard writers never care which one ran: the config picks it by name (`registry.get_extractor`).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from ..capture import CaptureConfig, SampleAttention
+from ..tokens import ClassSpec
+
+__all__ = ["IGNORE", "ClassSpec", "Extractor", "MaskResult", "SampleAttention", "resolve_labels"]
 
 IGNORE = 255  # label for uncertain pixels; training ignores them
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    """One class of a sample's prompt: its name and the prompt token positions that seed it."""
-
-    name: str
-    token_indices: tuple[int, ...]
-
-
-@dataclass
-class SampleAttention:
-    """What capture recorded for one sample, averaged over heads and captured steps (conditional half).
-
-    cross:  layer name -> (n_tokens, h, w) cross-attention probabilities of every prompt token.
-    self_attn: resolution side h -> (h*w, h*w) self-attention, mean over the captured layers of that side;
-            row i is where query pixel i attends (rows sum to 1).
-    cross_resolution: layer name -> h, for selecting layers by resolution.
-    features: optional named UNet feature maps (C, h, w), e.g. for DiffCut.
-    self_attn_layers: layer name -> (h*w, h*w), each layer on its own (diagnostics only).
-    """
-
-    cross: dict[str, torch.Tensor] = field(default_factory=dict)
-    self_attn: dict[int, torch.Tensor] = field(default_factory=dict)
-    cross_resolution: dict[str, int] = field(default_factory=dict)
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
-    self_attn_layers: dict[str, torch.Tensor] = field(default_factory=dict)  # only with per_layer_self
-
-    def class_cross_attention(self, spec: ClassSpec, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Per layer, the cross-attention of a class: the sum over its seed tokens, (h, w)."""
-        names = layers if layers is not None else list(self.cross)
-        idx = list(spec.token_indices)
-        return {n: self.cross[n][idx].sum(0) for n in names}
 
 
 @dataclass
@@ -67,9 +39,21 @@ class MaskResult:
 
 
 class Extractor(ABC):
-    """Turns one sample's captured attention into a MaskResult at the image's size."""
+    """Turns one sample's captured attention into a MaskResult at the image's size.
+
+    The whole contract: `name` (what configs call it; `registry.EXTRACTORS` maps names to
+    classes), `capture_config` (what generation must record for it), `extract`, and `params`.
+    """
 
     name: str = "base"
+
+    def capture_config(self, unet, latent: tuple[int, int]) -> CaptureConfig:
+        """What to record while generating for this extractor, given the UNet and the latent (h, w).
+
+        The default records everything; implementations narrow it to what they read (capture
+        cost grows with every self-attention side recorded).
+        """
+        return CaptureConfig()
 
     @abstractmethod
     def extract(self, attn: SampleAttention, classes: list[ClassSpec], image: np.ndarray) -> MaskResult:
@@ -102,29 +86,3 @@ def resolve_labels(soft: np.ndarray, foreground: np.ndarray, margin: float = 0.0
             tie = any_fg & np.isfinite(second) & (top - second < margin)
         labels[tie] = IGNORE
     return labels
-
-
-_REGISTRY: dict[str, type[Extractor]] = {}
-
-
-def register(cls: type[Extractor]) -> type[Extractor]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_extractor(name: str, **params) -> Extractor:
-    """Instantiate a registered extractor by name with its parameters."""
-    from . import available  # noqa: F401  (imports every implementation so it registers)
-
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown extractor {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    try:
-        return _REGISTRY[name](**params)
-    except TypeError as e:
-        raise ValueError(f"bad parameters for extractor {name!r}: {e}") from None
-
-
-def extractor_names() -> list[str]:
-    from . import available  # noqa: F401
-
-    return sorted(_REGISTRY)

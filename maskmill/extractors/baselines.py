@@ -2,7 +2,7 @@
 
 - `cross`: the class tokens' cross-attention, thresholded.
 - `propagated`: Dataset Diffusion style, self-attention^k @ cross-attention, thresholded.
-- `cross_x_propagated`: the product of both (ANCHORS §4: propagation alone separates
+- `cross_x_propagated`: the product of both (propagation alone separates
   foreground from background, not one object from another; the product stays on the object).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .attention_ops import class_cross_map, minmax, propagate, resize
-from .base import ClassSpec, Extractor, MaskResult, SampleAttention, register, resolve_labels
+from .base import ClassSpec, Extractor, MaskResult, SampleAttention, resolve_labels
 
 
 class _AttentionBaseline(Extractor):
@@ -43,7 +43,6 @@ class _AttentionBaseline(Extractor):
         return MaskResult(labels=labels, soft=s, confidence=conf)
 
 
-@register
 class CrossAttentionBaseline(_AttentionBaseline):
     name = "cross"
 
@@ -51,7 +50,6 @@ class CrossAttentionBaseline(_AttentionBaseline):
         return class_cross_map(attn, spec, side, sorted(set(attn.cross_resolution.values())))
 
 
-@register
 class PropagatedBaseline(_AttentionBaseline):
     name = "propagated"
 
@@ -60,7 +58,6 @@ class PropagatedBaseline(_AttentionBaseline):
         return propagate(attn.self_attn[side], ca, self.power).reshape(side, side)
 
 
-@register
 class ProductBaseline(_AttentionBaseline):
     name = "cross_x_propagated"
 

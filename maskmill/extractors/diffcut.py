@@ -26,7 +26,8 @@ import scipy.linalg
 import scipy.sparse.linalg
 import torch
 
-from .base import SampleAttention, register
+from ..capture import CaptureConfig
+from .base import SampleAttention
 from .segments import SegmentingExtractor, upsample
 
 # Up to this many pixels the dense LAPACK solver is used (its cost grows as n^3: seconds at 1024);
@@ -159,7 +160,6 @@ def upsample_segments(segments: np.ndarray, features: np.ndarray | torch.Tensor,
 
 # --- the extractor ----------------------------------------------------------------------------
 
-@register
 class DiffCutExtractor(SegmentingExtractor):
     """DiffCut segments (recursive Ncut on UNet features) named by the prompt's cross-attention.
 
@@ -198,11 +198,9 @@ class DiffCutExtractor(SegmentingExtractor):
         self.margin = margin
         self.cross_resolutions = None if cross_resolutions is None else list(cross_resolutions)
 
-    def capture_config(self, unet, latent: tuple[int, int]):
+    def capture_config(self, unet, latent: tuple[int, int]) -> CaptureConfig:
         """UNet features from the last steps (DiffCut reads t near 0) and cross-attention to name segments;
         no self-attention."""
-        from ..capture import CaptureConfig
-
         return CaptureConfig(self_blocks={}, feature_modules={self.feature_name: encoder_last_attention_path(unet)},
                              steps=(0.9, 1.0))
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import SampleAttention, register
+from .base import SampleAttention
 from .segments import SegmentingExtractor, upsample
 
 # Rows of anchors per KL block. The KL of a block is computed with matrix products, so
@@ -201,7 +201,6 @@ def nms_segments(proposals: torch.Tensor, size: tuple[int, int], peak_normalize:
 
 # --- the extractor ----------------------------------------------------------------------------
 
-@register
 class DiffSegExtractor(SegmentingExtractor):
     """DiffSeg segments (self-attention merging) named by the prompt's cross-attention.
 

@@ -1,6 +1,6 @@
 """SeeDiff (AAAI 2025): seed masks from cross-attention, grown through self-attention.
 
-For each class of the prompt (ANCHORS §2):
+For each class of the prompt:
 1. seeds: the class tokens' cross-attention at the seed resolution (per layer min-max
    normalised, summed, normalised), squared, Otsu threshold -> seed pixels;
 2. expansion: score(p) = sum over seeds s of cos(SA[s], SA[p]), min-max normalised;
@@ -17,7 +17,7 @@ import torch
 
 from ..capture import CaptureConfig
 from .attention_ops import class_cross_map, expand, minmax, otsu, propagate, resize
-from .base import ClassSpec, Extractor, MaskResult, SampleAttention, register, resolve_labels
+from .base import ClassSpec, Extractor, MaskResult, SampleAttention, resolve_labels
 from .pamr import pamr
 
 
@@ -47,7 +47,6 @@ def refine_background(self_attn: torch.Tensor, previous: torch.Tensor, side: int
     return minmax((1 - bg_score) * up)
 
 
-@register
 class SeeDiffExtractor(Extractor):
     """SeeDiff with parameters for any model: resolutions are chosen from what was captured."""
 
@@ -70,7 +69,7 @@ class SeeDiffExtractor(Extractor):
         self.margin = margin
         # the authors average all steps; a later window captures less (cheaper) where masks allow it
         self.capture_steps = (float(capture_steps[0]), float(capture_steps[1]))
-        # Expansion separates foreground from background, not one object from another (ANCHORS §4):
+        # Expansion separates foreground from background, not one object from another:
         # with several classes in a prompt, weight each class's score by its own propagated
         # cross-attention before the per-pixel argmax.
         self.separate_by_cross = bool(separate_by_cross)

@@ -1,4 +1,4 @@
-"""The shard-writing stage: records in, WebDataset tars + parquet manifests + stats out.
+"""The shard-writing stage: records in, WebDataset tars (shards/) + parquet manifests (manifests/) + stats (stats/) out.
 
 Plain Python (no Prefect, no torch): flows call `write_shard` once per shard and use
 `RunLayout` to resume; `validate_run` checks a finished run.
@@ -18,7 +18,9 @@ from .records import (
     shard_name,
 )
 from .validate import ValidationReport, validate_run
-from .writer import MANIFEST_SCHEMA, ShardStats, ShardWriter, write_shard
+from .manifest import MANIFEST_SCHEMA
+from .stats import ShardStats
+from .writer import ShardWriter, write_shard
 
 __all__ = [
     "ACCEPTED", "IGNORE", "REJECTED", "MANIFEST_SCHEMA",

@@ -3,14 +3,17 @@
     RUN/
       classes.json              ["circle", "square", ...]; run class id k = position + 1
       shards/
-        00000.tar               accepted samples (webdataset)
+        00000.tar               accepted samples (webdataset); nothing else lives here, so
+                                `datasets.load_dataset("webdataset", data_dir="RUN/shards")` reads samples only
+      manifests/
         00000.parquet           manifest: every record, accepted and rejected
+      stats/
         00000_stats.json        written last: the shard's completion marker
-        00000.tar.tmp ...       temporaries while a shard is being written
+      (each file's temporary is its name + ".tmp", beside it, while the shard is being written)
 
 A shard is complete when its stats file AND its tar exist (img2dataset's rule). On resume,
-`clean_temporaries()` removes whatever an interrupted run left behind, and the
-incomplete shards are simply written again.
+`clean_partial(shard)` (under the shard's lock: maskmill.run.folder.clean_run) removes whatever
+an interrupted write left behind, and the incomplete shards are simply written again.
 """
 from __future__ import annotations
 
@@ -24,7 +27,13 @@ from ..atomic import atomic_write_bytes
 from .records import shard_name
 
 TMP_SUFFIX = ".tmp"
-_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)(\.tmp)?$")
+SHARDS_DIR, MANIFESTS_DIR, STATS_DIR = "shards", "manifests", "stats"
+# The file name each folder holds per shard: (\d+) is the shard id, (\.tmp)? a temporary.
+_FILE_IN = {
+    SHARDS_DIR: re.compile(r"^(\d+)\.tar(\.tmp)?$"),
+    MANIFESTS_DIR: re.compile(r"^(\d+)\.parquet(\.tmp)?$"),
+    STATS_DIR: re.compile(r"^(\d+)_stats\.json(\.tmp)?$"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,11 +63,12 @@ class ShardPaths:
         return self.tar_tmp, self.manifest_tmp, self.stats_tmp
 
 
-def shard_paths(shards_dir: Path, shard_id: int) -> ShardPaths:
-    """Paths of shard `shard_id` inside `shards_dir` (the one naming rule writer and layout share)."""
+def shard_paths(run_dir: str | os.PathLike, shard_id: int) -> ShardPaths:
+    """Paths of shard `shard_id` of the run folder `run_dir` (the one naming rule writer and layout share)."""
     name = shard_name(shard_id)
-    d = Path(shards_dir)
-    return ShardPaths(tar=d / f"{name}.tar", manifest=d / f"{name}.parquet", stats=d / f"{name}_stats.json")
+    root = Path(run_dir)
+    return ShardPaths(tar=root / SHARDS_DIR / f"{name}.tar", manifest=root / MANIFESTS_DIR / f"{name}.parquet",
+                      stats=root / STATS_DIR / f"{name}_stats.json")
 
 
 def _tmp(path: Path) -> Path:
@@ -66,23 +76,26 @@ def _tmp(path: Path) -> Path:
 
 
 class RunLayout:
-    """A run folder: its shards directory, its shard files and its classes.json."""
+    """A run folder: its shards, manifests and stats folders, each shard's files, and classes.json."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self.shards_dir = self.root / "shards"
+        self.shards_dir = self.root / SHARDS_DIR
+        self.manifests_dir = self.root / MANIFESTS_DIR
+        self.stats_dir = self.root / STATS_DIR
         self.classes_path = self.root / "classes.json"
 
     def __repr__(self) -> str:
         return f"RunLayout({str(self.root)!r})"
 
     def create(self) -> "RunLayout":
-        self.shards_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.shards_dir, self.manifests_dir, self.stats_dir):
+            d.mkdir(parents=True, exist_ok=True)
         return self
 
     # --- one shard's files -------------------------------------------------------------
     def shard(self, shard_id: int) -> ShardPaths:
-        return shard_paths(self.shards_dir, shard_id)
+        return shard_paths(self.root, shard_id)
 
     def tar_path(self, shard_id: int) -> Path:
         return self.shard(shard_id).tar
@@ -97,20 +110,111 @@ class RunLayout:
         p = self.shard(shard_id)
         return p.stats.is_file() and p.tar.is_file()
 
-    # --- the whole shards directory ----------------------------------------------------
+    # --- the shard folders ----------------------------------------------------------------
     def _shard_files(self) -> list[tuple[int, Path, bool]]:
-        """(shard_id, path, is_temporary) of every file in shards/ that follows the naming rule."""
+        """(shard_id, path, is_temporary) of every file in shards/, manifests/ and stats/ that follows
+        its folder's naming rule, sorted by path."""
+        found = []
+        for folder, rule in _FILE_IN.items():
+            d = self.root / folder
+            if not d.is_dir():
+                continue
+            for p in d.iterdir():
+                m = rule.match(p.name)
+                if m and p.is_file():
+                    found.append((int(m.group(1)), p, m.group(2) is not None))
+        return sorted(found, key=lambda f: f[1])
+
+    def strays(self) -> list[Path]:
+        """Files in shards/ that are not shard tars (or their temporaries): readers of the folder,
+        such as HF datasets' webdataset loader, would take them for data."""
         if not self.shards_dir.is_dir():
             return []
-        found = []
-        for p in sorted(self.shards_dir.iterdir()):
-            m = _SHARD_FILE.match(p.name)
-            if m and p.is_file():
-                found.append((int(m.group(1)), p, m.group(3) is not None))
-        return found
+        return sorted(p for p in self.shards_dir.iterdir() if not _FILE_IN[SHARDS_DIR].match(p.name))
 
     def shard_ids_on_disk(self) -> list[int]:
-        """Ids of every shard that has any file (final or temporary) in shards/."""
+        """Ids of every shard that has any file (final or temporary) in shards/, manifests/ or stats/."""
+        return sorted({sid for sid, _, _ in self._shard_files()})
+
+    def completed_shards(self) -> list[int]:
+        """Ids of shards whose stats file and tar both exist, ascending."""
+        return [sid for sid in self.shard_ids_on_disk() if self.is_complete(sid)]
+
+    def temporaries(self) -> tuple[Path, Path, Path]:
+        return self.tar_tmp, self.manifest_tmp, self.stats_tmp
+
+
+def shard_paths(run_dir: str | os.PathLike, shard_id: int) -> ShardPaths:
+    """Paths of shard `shard_id` of the run folder `run_dir` (the one naming rule writer and layout share)."""
+    name = shard_name(shard_id)
+    root = Path(run_dir)
+    return ShardPaths(tar=root / SHARDS_DIR / f"{name}.tar", manifest=root / MANIFESTS_DIR / f"{name}.parquet",
+                      stats=root / STATS_DIR / f"{name}_stats.json")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+class RunLayout:
+    """A run folder: its shards, manifests and stats folders, each shard's files, and classes.json."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.shards_dir = self.root / SHARDS_DIR
+        self.manifests_dir = self.root / MANIFESTS_DIR
+        self.stats_dir = self.root / STATS_DIR
+        self.classes_path = self.root / "classes.json"
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.root)!r})"
+
+    def create(self) -> "RunLayout":
+        for d in (self.shards_dir, self.manifests_dir, self.stats_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # --- one shard's files -------------------------------------------------------------
+    def shard(self, shard_id: int) -> ShardPaths:
+        return shard_paths(self.root, shard_id)
+
+    def tar_path(self, shard_id: int) -> Path:
+        return self.shard(shard_id).tar
+
+    def manifest_path(self, shard_id: int) -> Path:
+        return self.shard(shard_id).manifest
+
+    def stats_path(self, shard_id: int) -> Path:
+        return self.shard(shard_id).stats
+
+    def is_complete(self, shard_id: int) -> bool:
+        p = self.shard(shard_id)
+        return p.stats.is_file() and p.tar.is_file()
+
+    # --- the shard folders ----------------------------------------------------------------
+    def _shard_files(self) -> list[tuple[int, Path, bool]]:
+        """(shard_id, path, is_temporary) of every file in shards/, manifests/ and stats/ that follows
+        its folder's naming rule, sorted by path."""
+        found = []
+        for folder, rule in _FILE_IN.items():
+            d = self.root / folder
+            if not d.is_dir():
+                continue
+            for p in d.iterdir():
+                m = rule.match(p.name)
+                if m and p.is_file():
+                    found.append((int(m.group(1)), p, m.group(2) is not None))
+        return sorted(found, key=lambda f: f[1])
+
+    def strays(self) -> list[Path]:
+        """Files in shards/ that are not shard tars (or their temporaries): readers of the folder,
+        such as HF datasets' webdataset loader, would take them for data."""
+        if not self.shards_dir.is_dir():
+            return []
+        return sorted(p for p in self.shards_dir.iterdir() if not _FILE_IN[SHARDS_DIR].match(p.name))
+
+    def shard_ids_on_disk(self) -> list[int]:
+        """Ids of every shard that has any file (final or temporary) in shards/, manifests/ or stats/."""
         return sorted({sid for sid, _, _ in self._shard_files()})
 
     def completed_shards(self) -> list[int]:
@@ -122,7 +226,7 @@ class RunLayout:
         return [p for _, p, tmp in self._shard_files() if not tmp and p.suffix == ".tar"]
 
     def temporaries(self) -> list[Path]:
-        """Leftover temporary files in shards/."""
+        """Leftover temporary files of shards (in shards/, manifests/ and stats/)."""
         return [p for _, p, tmp in self._shard_files() if tmp]
 
     def clean_partial(self, shard_id: int) -> list[Path]:
@@ -139,16 +243,6 @@ class RunLayout:
             if path.exists():
                 path.unlink()
                 removed.append(path)
-        return removed
-
-    def clean_temporaries(self) -> list[Path]:
-        """On resume: remove every temporary and every file of an incomplete shard. Returns removed paths.
-
-        Only while no writer is running on this run: a shard being written is incomplete too.
-        """
-        removed: list[Path] = []
-        for sid in self.shard_ids_on_disk():
-            removed += self.clean_partial(sid)
         return removed
 
     # --- classes.json --------------------------------------------------------------------

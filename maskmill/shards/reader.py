@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from .layout import RunLayout
-from .writer import MASK_FIELD
+from .encode import MASK_FIELD
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Reads every shard to the end with webdataset and reports, without stopping at the first
 problem: unreadable or truncated tars, missing stats (incomplete shards), leftover
-temporaries, duplicate or dotted keys, samples with different fields or json keys, masks
+temporaries, files in shards/ that are not tars, duplicate or dotted keys, samples with different fields or json keys, masks
 that are not single-channel uint8 or hold labels outside {0..K, 255} (K = len(classes.json)),
 image/mask size mismatches, and manifests that disagree with their tars or stats.
 """
@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 from .layout import RunLayout
 from .reader import decode_image, decode_mask, raw_samples
 from .records import ACCEPTED, IGNORE, REJECTED, check_key
-from .writer import MANIFEST_SCHEMA, META_FIELD, ShardStats, sample_fields
+from .encode import META_FIELD, sample_fields
+from .manifest import MANIFEST_SCHEMA
+from .stats import ShardStats
 
 MAX_ERRORS = 200  # beyond this a broken run only repeats itself
 
@@ -78,7 +80,10 @@ def validate_run(root: str | os.PathLike) -> ValidationReport:
         report.error(f"{layout.classes_path}: unreadable ({e})")
 
     for tmp in layout.temporaries():
-        report.error(f"{tmp.name}: leftover temporary file (interrupted write; run clean_temporaries)")
+        report.error(f"{tmp.name}: leftover temporary file (interrupted write; rerunning the run removes it)")
+    for stray in layout.strays():
+        report.error(f"{layout.shards_dir.name}/{stray.name}: not a shard tar; shards/ must hold only tars, or "
+                     f"readers such as HF datasets take it for samples (manifests go to manifests/, stats to stats/)")
 
     state = _RunState()
     for shard_id in layout.shard_ids_on_disk():

@@ -1,2 +1,0 @@
-"""Imports every extractor implementation so each registers itself."""
-from . import baselines, diffcut, diffseg, seediff  # noqa: F401

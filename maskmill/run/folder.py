@@ -1,0 +1,206 @@
+"""The run folder: create or reopen it, refuse another config's run, list the shards to write.
+
+    layout = prepare_run(cfg, "configs/shapes.yaml")   # folder, classes.json, config copy, cleanup
+    pending = pending_shards(cfg, layout)              # shard ids without a completion marker
+
+Besides `shards/`, `manifests/`, `stats/` (see shards/layout.py) and `classes.json`, a run folder holds:
+
+    config.yaml   the resolved config (overrides applied, loadable with `load_config`), fingerprint
+                  in its header; the flow's shard tasks read this frozen copy
+    run.json      {"fingerprint", "identity" (what the fingerprint covers), "model_identity"
+                  (`models.model_identity` of the model), "num_shards", ...}
+
+A folder that holds a run of another config fingerprint is refused (`RunConflictError`, naming
+both fingerprints and the differing keys) before anything is written; so is a rerun after the
+model's weights changed under the same name (e.g. retrained into the same folder). Partial
+shards are cleaned only under their lock, so a shard another worker is writing is never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .. import __version__
+from ..atomic import write_if_changed
+from ..config import ConfigError, RunConfig
+from ..models import model_identity
+from ..plan import RunPlan
+from ..shards.layout import RunLayout
+from .locks import ShardLock, lock_ids, run_guard
+
+CONFIG_COPY = "config.yaml"
+RUN_INFO = "run.json"
+# What RunConfig.fingerprint() leaves out (they do not change the samples).
+NOT_FINGERPRINTED = ("output", "batch_size")
+
+
+class RunConflictError(ConfigError):
+    """The run folder holds a run made with another config."""
+
+
+def run_root(cfg: RunConfig) -> Path:
+    return Path(cfg.output).expanduser().resolve()
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    """What the fingerprint covers, JSON-normalised (dict keys become strings)."""
+    return json.loads(json.dumps(cfg.model_dump(exclude=set(NOT_FINGERPRINTED)), sort_keys=True))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every (dotted) key whose value differs, sorted by key."""
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            fa = "(absent)" if va is missing else json.dumps(va)
+            fb = "(absent)" if vb is missing else json.dumps(vb)
+            lines.append(f"{key}: {fa} -> {fb}")
+    return lines
+
+
+def read_run_info(root: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(root) / RUN_INFO
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def check_run_folder(cfg: RunConfig) -> None:
+    """Raise RunConflictError if `cfg.output` holds another config's run. Reads only, writes nothing."""
+    root = run_root(cfg)
+    info = read_run_info(root)
+    mine = cfg.fingerprint()
+    layout = RunLayout(root)
+    strays = layout.strays()
+    if strays:
+        raise RunConflictError(
+            f"refusing to write into {root}: its shards/ folder holds files that are not shard tars "
+            f"({', '.join(p.name for p in strays[:3])}{', ...' if len(strays) > 3 else ''}; runs of older maskmill "
+            f"versions kept manifests and stats there). Choose another `output` (e.g. --set output={root}-2) "
+            f"or remove the folder.")
+    if info is None:
+        if layout.shard_ids_on_disk():
+            raise RunConflictError(
+                f"refusing to write into {root}: it holds shards but no {RUN_INFO}, so it cannot be told "
+                f"whether they were made with this config (fingerprint {mine}). Choose another `output` "
+                f"(e.g. --set output={root}-2) or remove the folder.")
+        return
+    theirs = info.get("fingerprint")
+    if theirs == mine:
+        then, now = info.get("model_identity"), model_identity(cfg.model)
+        if then is not None and then != now:
+            raise RunConflictError(
+                f"refusing to mix runs in {root}: model {cfg.model!r} has other weights than when this run "
+                f"started ({then} then, {now} now; config fingerprint {mine} unchanged), so its shards "
+                f"would mix two models. Choose another `output` (e.g. --set output={root}-2), restore the "
+                f"model, or remove the folder to start over.")
+        return
+    diffs = config_differences(info.get("identity", {}), identity(cfg))
+    listed = "; ".join(diffs) if diffs else "(no key differs: the fingerprint rule changed)"
+    raise RunConflictError(
+        f"refusing to mix runs in {root}: it holds a run with config fingerprint {theirs} "
+        f"(from {info.get('config_path') or 'an unknown file'}), this config's fingerprint is {mine}. "
+        f"Differing keys: {listed}. Choose another `output` (e.g. --set output={root}-2) "
+        f"or remove the folder to start over.")
+
+
+
+
+
+def _config_yaml(cfg: RunConfig) -> bytes:
+    """The resolved config (overrides applied, `output` absolute): what the flow's tasks read, so
+    that editing the source config file while a run is going on cannot change it."""
+    header = (f"# maskmill {__version__}: resolved config of this run (load_config accepts it; source in {RUN_INFO})\n"
+              f"# fingerprint: {cfg.fingerprint()}  (covers every key but {', '.join(NOT_FINGERPRINTED)})\n")
+    data = cfg.model_dump(mode="python")
+    data["output"] = str(run_root(cfg))
+    return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
+
+
+def resolved_config_path(cfg: RunConfig) -> Path:
+    """`config.yaml` of the run folder: the frozen, resolved config (written by prepare_run)."""
+    return run_root(cfg) / CONFIG_COPY
+
+
+def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, clean: bool = True) -> RunLayout:
+    """Create or reopen the run folder `cfg.output` and make it ready for shard writers.
+
+    Refuses (RunConflictError, before writing anything) a folder holding a run of another
+    config fingerprint. Writes classes.json, config.yaml and run.json (only if they change),
+    then, with `clean`, removes stale locks and the files of every partial shard it can claim.
+    Safe to call from several workers at once.
+    """
+    check_run_folder(cfg)  # read-only first: nothing is created in a foreign folder
+    root = run_root(cfg)
+    layout = RunLayout(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with run_guard(root):
+        check_run_folder(cfg)  # again, now that no other worker can be preparing it
+        for leftover in [*root.glob(".*.tmp"), root / "classes.json.tmp"]:  # our writes happen under
+            leftover.unlink(missing_ok=True)                                 # the guard: these are stale
+        layout.create()
+        names = list(cfg.classes)
+        if not layout.classes_path.is_file() or layout.read_classes() != names:
+            layout.write_classes(names)
+        write_if_changed(root / CONFIG_COPY, _config_yaml(cfg))
+        if read_run_info(root) is None:
+            plan = RunPlan(cfg)
+            info = {"fingerprint": cfg.fingerprint(), "identity": identity(cfg),
+                    "model_identity": model_identity(cfg.model),
+                    "config_path": str(config_path) if config_path is not None else None,
+                    "num_shards": plan.num_shards, "total_samples": plan.total, "stride": plan.stride,
+                    "maskmill": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            write_if_changed(root / RUN_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+    if clean:
+        clean_run(layout)
+    return layout
+
+
+def clean_run(layout: RunLayout) -> dict[str, list]:
+    """Remove stale locks and the files of every partial shard nobody is writing. Returns what went."""
+    removed_locks = [sid for sid in lock_ids(layout) if ShardLock(layout, sid).break_if_stale()]
+    cleaned: list[str] = []
+    for sid in layout.shard_ids_on_disk():
+        paths = layout.shard(sid)
+        if layout.is_complete(sid) and not any(p.exists() for p in paths.temporaries()):
+            continue
+        lock = ShardLock(layout, sid)
+        if lock.try_acquire():  # else: someone is writing it right now
+            try:
+                cleaned += [str(p) for p in layout.clean_partial(sid)]
+            finally:
+                lock.release()
+    return {"stale_locks": removed_locks, "removed": cleaned}
+
+
+def check_shard_ids(cfg: RunConfig, shard_ids: Iterable[int] | None) -> list[int]:
+    """`shard_ids` (default: all of the run's shards), sorted and unique; ValueError if one is not in the plan."""
+    n = RunPlan(cfg).num_shards
+    wanted = list(range(n)) if shard_ids is None else sorted(set(int(s) for s in shard_ids))
+    bad = [s for s in wanted if not 0 <= s < n]
+    if bad:
+        raise ValueError(f"shards {bad} are outside this run's {n} shards (0..{n - 1})")
+    return wanted
+
+
+def pending_shards(cfg: RunConfig, layout: RunLayout, shard_ids: Iterable[int] | None = None) -> list[int]:
+    """The run's shard ids (or those of `shard_ids`) that are not complete, ascending."""
+    return [s for s in check_shard_ids(cfg, shard_ids) if not layout.is_complete(s)]
+
