@@ -6,6 +6,7 @@ Nothing here touches the network: a missing model is an error that says where we
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -106,6 +107,13 @@ def load_pipeline(model: str = DEFAULT_MODEL, scheduler: str | None = None, devi
     return pipe.to(device)
 
 
+# --- model identity --------------------------------------------------------------------------
+# Which files say what a saved model is: configs are hashed whole, weights by size and samples.
+_CONFIG_SUFFIXES = {".json", ".txt", ".model"}
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
+_IDENTITIES: dict[tuple, str] = {}
+
+
 def _sampled_bytes(path: Path, window: int = 1 << 20) -> bytes:
     """Three 1 MiB windows (start, middle, end) of a weights file.
 
@@ -121,20 +129,65 @@ def _sampled_bytes(path: Path, window: int = 1 << 20) -> bytes:
     return b"".join(parts)
 
 
-def model_fingerprint(model: str) -> dict:
-    """What identifies a model's weights without hashing gigabytes: configs, file sizes, sampled bytes."""
-    import hashlib
+def model_folder(model: str | os.PathLike) -> Path:
+    """The folder holding `model`'s files: the local folder, or the hub id's cached snapshot (offline)."""
+    src = resolve_model(str(model))
+    if isinstance(src, Path):
+        return src
+    from huggingface_hub import snapshot_download
 
-    src = resolve_model(model)
-    if not isinstance(src, Path):  # a hub id: the snapshot its main ref points to in the local cache
-        from huggingface_hub import snapshot_download
+    return Path(snapshot_download(src, local_files_only=True, cache_dir=hf_cache_dir()))
 
-        src = Path(snapshot_download(src, local_files_only=True, cache_dir=hf_cache_dir()))
+
+def _files_identity(folder: Path) -> str:
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not p.name.startswith(".") and p.suffix in _CONFIG_SUFFIXES | _WEIGHT_SUFFIXES)
+    stats = tuple((p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+    key = (str(folder.resolve()), stats)  # mtimes only decide whether to re-read, they are not hashed
+    if key not in _IDENTITIES:
+        h = hashlib.sha256()
+        for p, (rel, size, _) in zip(files, stats):
+            h.update(f"{rel}\0{size}\0".encode())
+            h.update(p.read_bytes() if p.suffix in _CONFIG_SUFFIXES else _sampled_bytes(p))
+        _IDENTITIES[key] = "files:" + h.hexdigest()[:16]
+    return _IDENTITIES[key]
+
+
+def _weights_identity(pipe, samples_per_tensor: int = 4096) -> str:
     h = hashlib.sha256()
-    for f in sorted(src.rglob("*.json")):
-        h.update(f.relative_to(src).as_posix().encode())
-        h.update(f.read_bytes())
-    for f in sorted(src.rglob("*.safetensors")):
-        h.update(f"{f.relative_to(src).as_posix()}:{f.stat().st_size}".encode())
-        h.update(_sampled_bytes(f))
-    return {"model": str(model), "config_hash": h.hexdigest()[:16]}
+    for name, module in sorted(pipe.components.items()):
+        if not isinstance(module, torch.nn.Module):
+            continue
+        h.update(f"{name}:{type(module).__name__}|".encode())
+        for key, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).contiguous()
+            h.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            h.update(sample.numpy().tobytes())
+    return "weights:" + h.hexdigest()[:16]
+
+
+def model_identity(model) -> str:
+    """A short string that changes when the model's weights or configs change, and only then.
+
+    `model` is what a config names (an embedded name, a folder, or a hub id in the local cache)
+    or a loaded pipeline:
+    - a name: "files:<16 hex>", sha256 over every config file (whole) and every weights file (its
+      size and three sampled 1 MiB windows) of the model's folder, by relative path. A hub id is
+      its cached snapshot folder, so a snapshot and a copy of it agree; where the folder lives does
+      not count. Cached per process while the files' sizes and mtimes are unchanged.
+    - a pipeline (anything with diffusers' `.components`): "weights:<16 hex>", over each module's
+      parameter names, shapes, dtypes and a strided sample of every tensor: the weights in memory,
+      which may not come from any folder.
+    Cheap (megabytes read, not gigabytes) and not a tamper check: any retraining moves every
+    tensor, so a sample sees it; a model retrained into the same folder gets a new identity.
+    """
+    if hasattr(model, "components"):
+        return _weights_identity(model)
+    return _files_identity(model_folder(model))
+
+
+def model_fingerprint(model: str) -> dict:
+    """Deprecated alias kept for callers not yet moved to `model_identity`: {"model", "config_hash"}."""
+    return {"model": str(model), "config_hash": model_identity(model).split(":", 1)[1]}

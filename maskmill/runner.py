@@ -54,7 +54,9 @@ from typing import Any, Callable, Iterable, Iterator
 import yaml
 
 from . import __version__
+from .atomic import write_if_changed
 from .config import ConfigError, RunConfig, load_config
+from .models import model_identity
 from .shards.layout import RunLayout
 from .shards.records import shard_name
 from .shards.writer import ShardStats
@@ -113,42 +115,6 @@ def read_run_info(root: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt"}
-_HASH_LIMIT = 256 * 2**20  # hash the contents of models up to this size; above, names, sizes, mtimes
-_MODEL_IDS: dict[tuple, str] = {}
-
-
-def model_identity(model: str) -> str:
-    """What identifies the model's weights, beyond its name (the config only names the model).
-
-    A local folder: sha256 of its weight and config files (up to 256 MB; above that, of their
-    names, sizes and mtimes); a Hugging Face cache id: the cached snapshot's commit. Cached per
-    process while the files are unchanged. Catches a model retrained into the same folder
-    between an interrupted run and its rerun.
-    """
-    import hashlib
-
-    from .models import hf_cache_dir, resolve_model
-
-    src = resolve_model(model)
-    if not isinstance(src, Path):
-        ref = hf_cache_dir() / ("models--" + src.replace("/", "--")) / "refs" / "main"
-        return f"hub:{src}@{ref.read_text().strip() if ref.is_file() else 'unknown'}"
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    stats = tuple((p.relative_to(src).as_posix(), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
-    key = (str(src.resolve()), stats)
-    if key not in _MODEL_IDS:
-        h = hashlib.sha256()
-        if sum(st[1] for st in stats) <= _HASH_LIMIT:
-            for p, (rel, _, _) in zip(files, stats):
-                h.update(rel.encode() + b"\0" + p.read_bytes())
-            _MODEL_IDS[key] = "sha256:" + h.hexdigest()[:16]
-        else:
-            h.update(repr(stats).encode())
-            _MODEL_IDS[key] = "files:" + h.hexdigest()[:16]
-    return _MODEL_IDS[key]
-
-
 def check_run_folder(cfg: RunConfig) -> None:
     """Raise RunConflictError if `cfg.output` holds another config's run. Reads only, writes nothing."""
     root = run_root(cfg)
@@ -195,19 +161,6 @@ def _guard(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_if_changed(path: Path, data: bytes) -> bool:
-    """Write through a per-process temporary and a rename, unless the file already holds `data`."""
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return True
-
-
 def _config_yaml(cfg: RunConfig) -> bytes:
     """The resolved config (overrides applied, `output` absolute): what the flow's tasks read, so
     that editing the source config file while a run is going on cannot change it."""
@@ -245,7 +198,7 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
         names = list(cfg.classes)
         if not layout.classes_path.is_file() or layout.read_classes() != names:
             layout.write_classes(names)
-        _write_if_changed(root / CONFIG_COPY, _config_yaml(cfg))
+        write_if_changed(root / CONFIG_COPY, _config_yaml(cfg))
         if read_run_info(root) is None:
             plan = RunPlan(cfg)
             info = {"fingerprint": cfg.fingerprint(), "identity": identity(cfg),
@@ -253,7 +206,7 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
                     "config_path": str(config_path) if config_path is not None else None,
                     "num_shards": plan.num_shards, "total_samples": plan.total, "stride": plan.stride,
                     "maskmill": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _write_if_changed(root / RUN_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+            write_if_changed(root / RUN_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     if clean:
         clean_run(layout)
     return layout

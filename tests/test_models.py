@@ -59,23 +59,23 @@ def test_a_repo_id_loads_from_the_hugging_face_cache(pipes, saved_pipeline, hf_c
     loaded = load_pipeline("org/name", device="cpu")
     expected = generate_plain(pipes["sd1"], PROMPTS[:1], SEEDS[:1], SETTINGS)
     assert np.array_equal(generate_plain(loaded, PROMPTS[:1], SEEDS[:1], SETTINGS)[0], expected[0])
-    fp = models.model_fingerprint("org/name")
-    assert fp["model"] == "org/name" and len(fp["config_hash"]) == 16
-    # the cached snapshot is fingerprinted by its content, like the folder it was copied from
-    assert fp["config_hash"] == models.model_fingerprint(str(saved_pipeline("sd1")))["config_hash"]
+    ident = models.model_identity("org/name")
+    assert ident.startswith("files:") and len(ident) == len("files:") + 16
+    # the cached snapshot is identified by its content, like the folder it was copied from
+    assert ident == models.model_identity(str(saved_pipeline("sd1")))
 
 
 def test_the_fingerprint_sees_retrained_weights_of_the_same_size(saved_pipeline, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(saved_pipeline("sd1"), folder)
-    before = models.model_fingerprint(str(folder))
-    assert models.model_fingerprint(str(folder)) == before
+    before = models.model_identity(str(folder))
+    assert models.model_identity(str(folder)) == before
     weights = next((folder / "unet").glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])  # same size, same header
     weights.write_bytes(bytes(data))
-    assert models.model_fingerprint(str(folder))["config_hash"] != before["config_hash"]
+    assert models.model_identity(str(folder)) != before
 
 
 def test_the_cache_set_by_the_variable_alone_is_used_for_loading_too(saved_pipeline, tmp_path, monkeypatch):
@@ -141,3 +141,18 @@ def test_scheduler_name_swaps_the_scheduler_class_and_keeps_its_config(saved_pip
     images = generate_plain(loaded, PROMPTS[:1], SEEDS[:1], SETTINGS)
     assert images[0].shape == (32, 32, 3)
     assert type(load_pipeline(str(saved_pipeline("sd2")), scheduler="ddim", device="cpu").scheduler) is DDIMScheduler
+
+
+def test_a_pipeline_in_memory_is_identified_by_its_weights(pipes):
+    import copy
+
+    import torch
+
+    pipe = pipes["sd1"]
+    ident = models.model_identity(pipe)
+    assert ident.startswith("weights:") and models.model_identity(pipe) == ident
+    changed = copy.deepcopy(pipe)
+    with torch.no_grad():
+        for p in changed.unet.parameters():
+            p.add_(0.01)
+    assert models.model_identity(changed) != ident

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes
 from .records import shard_name
 
 TMP_SUFFIX = ".tmp"
@@ -62,16 +63,6 @@ def shard_paths(shards_dir: Path, shard_id: int) -> ShardPaths:
 
 def _tmp(path: Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename, so readers never see half a file."""
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunLayout:
@@ -171,7 +162,8 @@ class RunLayout:
         if len(names) > 254:
             raise ValueError(f"at most 254 classes fit in a uint8 mask (255 = ignore), got {len(names)}")
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.classes_path, (json.dumps(names, indent=1, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(self.classes_path, (json.dumps(names, indent=1, ensure_ascii=False) + "\n").encode(),
+                           tmp=_tmp(self.classes_path))
         return self.classes_path
 
     def read_classes(self) -> list[str]:

@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from .layout import ShardPaths, atomic_write_bytes, shard_paths
+from ..atomic import atomic_write_bytes
+from .layout import ShardPaths, shard_paths
 from .records import BACKGROUND, IGNORE, SampleRecord, shard_name
 
 IMAGE_FORMATS = ("png", "jpg")
@@ -373,7 +374,8 @@ class ShardWriter:
         return s
 
     def _write_stats(self, stats: ShardStats) -> None:
-        atomic_write_bytes(self.paths.stats, json.dumps(stats.to_dict(), indent=1, sort_keys=True).encode())
+        atomic_write_bytes(self.paths.stats, json.dumps(stats.to_dict(), indent=1, sort_keys=True).encode(),
+                           tmp=self.paths.stats_tmp)
 
 
 def write_shard(
