@@ -94,3 +94,14 @@ def test_a_missing_model_or_support_run_is_refused_before_any_task(tmp_path):
     cfg = load_bank_build_config(None, [], {"classes": ["circle"], "support": str(tmp_path)})
     with pytest.raises(ConfigError, match="key 'support': must be 'generate' or a dataset run folder"):
         cfg.check_sources()
+
+
+def test_banks_from_a_run_take_the_runs_stuff_classes_unless_given(tmp_path):
+    from maskmill.shards import RunLayout
+
+    RunLayout(tmp_path).create().write_classes(["circle", "sky", "grass"])
+    (tmp_path / "config.yaml").write_text("classes: [circle, sky, grass]\nstuff_classes: [sky, grass]\n")
+    from_run = load_bank_build_config(None, [], {"classes": ["circle", "sky"], "support": str(tmp_path)})
+    assert [from_run.class_spec(c)["bank"]["stuff"] for c in ("circle", "sky")] == [False, True]
+    given = load_bank_build_config(None, ["stuff_classes=[]"], {"classes": ["circle", "sky"], "support": str(tmp_path)})
+    assert not given.class_spec("sky")["bank"]["stuff"]

@@ -65,7 +65,9 @@ class BankBuildConfig(ClassSettings):
     out: str | None = None  # default: <cache_root>/.merged/<hash of the class banks>/bank.safetensors
     model: str = "shapes-sd"
     support: str = GENERATE
-    stuff_classes: list[str] = Field(default_factory=list)
+    # Classes with no background prototypes ("sky"). None: a support run's own `stuff_classes`
+    # (its config.yaml) among `classes`, else none.
+    stuff_classes: list[str] | None = None
     timestep: int = Field(200, ge=0, le=999)
     layers: list[str] | None = None  # None: every decoder cross-attention
     feature_size: PositiveInt | None = None  # None: the images' own size
@@ -84,7 +86,7 @@ class BankBuildConfig(ClassSettings):
     @model_validator(mode="after")
     def _known_classes(self) -> "BankBuildConfig":
         for key in ("stuff_classes", "class_overrides"):
-            unknown = [c for c in getattr(self, key) if c not in self.classes]
+            unknown = [c for c in getattr(self, key) or () if c not in self.classes]
             if unknown:
                 raise ValueError(f"{key} names {unknown}, which are not in classes {self.classes}")
         return self
@@ -109,6 +111,19 @@ class BankBuildConfig(ClassSettings):
         if missing:
             raise ConfigError(f"key 'support': classes {missing} are not in run {self.support} "
                               f"(its classes: {layout.read_classes()})")
+
+    def stuff(self) -> list[str]:
+        """The stuff classes: given, else those of the support run that are among `classes`."""
+        if self.stuff_classes is not None:
+            return list(self.stuff_classes)
+        if self.support == GENERATE:
+            return []
+        from ..config import load_config
+        from ..runner import CONFIG_COPY
+
+        copy = Path(self.support) / CONFIG_COPY
+        run_stuff = load_config(copy, check_files=False).stuff_classes if copy.is_file() else []
+        return [c for c in self.classes if c in run_stuff]
 
     def settings_for(self, class_name: str) -> dict[str, Any]:
         """This class's ClassSettings values: its override, else the config's, else BUILT_IN (None: model's)."""
@@ -141,7 +156,7 @@ class BankBuildConfig(ClassSettings):
             "model": self.model,
             "support": support,
             "n_support": int(s["n_support"]),
-            "bank": {"k_parts": int(s["k_parts"]), "seed": int(s["seed"]), "stuff": class_name in self.stuff_classes,
+            "bank": {"k_parts": int(s["k_parts"]), "seed": int(s["seed"]), "stuff": class_name in self.stuff(),
                      "fg_min_fraction": float(s["fg_min_fraction"]), "bg_min_fraction": float(s["bg_min_fraction"]),
                      "max_kmeans_points": int(self.max_kmeans_points)},
             "features": {"name": "sd_query", "layers": list(self.layers) if self.layers else None,
