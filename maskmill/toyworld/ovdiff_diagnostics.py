@@ -24,7 +24,7 @@ from .ovdiff_scoring import TEST_SEED, evaluate_bank, rendered_test_set
 from .render import COLOURS, SHAPES, render, sample_scene
 
 if TYPE_CHECKING:
-    from .bench_ovdiff import BenchSettings
+    from .ovdiff_settings import BenchSettings
 
 
 def prompt_colour(prompt: str) -> str | None:

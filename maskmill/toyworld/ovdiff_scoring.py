@@ -20,7 +20,7 @@ from ..prototypes.segment import make_refiner, segment_images
 from .render import SHAPES, render, sample_scene
 
 if TYPE_CHECKING:
-    from .bench_ovdiff import BenchSettings
+    from .ovdiff_settings import BenchSettings
 
 TEST_SEED = 20261123
 # Rendered scenes per split: "test" for every reported figure, "tune" for choosing feature
