@@ -105,3 +105,12 @@ def test_banks_from_a_run_take_the_runs_stuff_classes_unless_given(tmp_path):
     assert [from_run.class_spec(c)["bank"]["stuff"] for c in ("circle", "sky")] == [False, True]
     given = load_bank_build_config(None, ["stuff_classes=[]"], {"classes": ["circle", "sky"], "support": str(tmp_path)})
     assert not given.class_spec("sky")["bank"]["stuff"]
+
+
+def test_the_build_prototypes_command_refuses_bad_options_in_one_line(capsys):
+    from flows.build_prototypes import main
+
+    assert main(["--config", str(REPO / "configs" / "prototypes-shapes.yaml"), "--k-parts", "-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert err.endswith("prototypes-shapes.yaml: key 'k_parts': Input should be greater than or equal to 0")
