@@ -5,15 +5,15 @@ Two ways to get one:
 - `generate_support(pipe, "circle", 32)`: generate N images of the class with attention capture
   and let a mask extractor (SeeDiff by default) mark fg = the class mask and bg = confident
   background (label 0 *and* a low class soft score). This is OVDiff's recipe; it costs one
-  generation per support image.
+  generation per support image. Images are generated, extracted and filtered by the same loop
+  (and rules) as a dataset run's samples (`produce.judged_samples`).
 - `support_from_run(run_dir, "circle", 32)`: the efficient path. A dataset run already holds
   generated images with masks; take the first N samples whose mask contains the class:
   fg = mask == class id, bg = mask == 0 (other classes and 255 are neither). No generation.
 
 Masks are kept at image resolution (lossless, independent of the feature extractor);
 `bank_from_support` downsamples them to the feature grid by area and thresholds them, runs the
-feature extractor and calls `build_class_bank`. `build_fn_for` wraps that as the
-`build_fn(class_name)` that `BankCache.get_or_build` wants.
+feature extractor and calls `build_class_bank` (build.py does this per class, with the cache).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -329,28 +328,6 @@ def bank_from_support(support: SupportSet, extractor: FeatureExtractor, k_parts:
                             stuff=stuff, max_kmeans_points=max_kmeans_points, fingerprint=fingerprint)
 
 
-def build_fn_for(support_fn: Callable[[str], SupportSet], extractor: FeatureExtractor, *,
-                 stuff_classes=(), on_support: Callable[[SupportSet], None] | None = None,
-                 **bank_kwargs) -> Callable[[str], PrototypeBank]:
-    """The `build_fn(class_name)` for `BankCache.get_or_build`: support set -> features -> bank.
-
-    support_fn: class -> SupportSet (e.g. `lambda c: generate_support(pipe, c, 32)` or
-        `lambda c: support_from_run(run, c, 32)`); on_support sees each set (timings, logging).
-    bank_kwargs: k_parts, seed, fg_min_fraction, bg_min_fraction, max_kmeans_points.
-    """
-    stuff = set(stuff_classes)
-
-    def build(class_name: str) -> PrototypeBank:
-        support = support_fn(class_name)
-        if support.class_name != class_name:
-            raise ValueError(f"support_fn({class_name!r}) returned a support set of {support.class_name!r}")
-        if on_support is not None:
-            on_support(support)
-        return bank_from_support(support, extractor, stuff=class_name in stuff, **bank_kwargs)
-
-    return build
-
-
 __all__ = ["BG_SOFT_THRESHOLD", "OVDIFF_GUIDANCE", "OVDIFF_STEPS", "OVDIFF_TEMPLATE", "SupportSet",
-           "bank_from_support", "build_fn_for", "generate_support", "masks_at", "run_identity",
+           "bank_from_support", "generate_support", "masks_at", "run_identity",
            "support_defaults", "support_from_run", "support_prompts", "support_seed"]
