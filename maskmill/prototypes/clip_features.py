@@ -152,6 +152,10 @@ class CLIPPatchFeatures(FeatureExtractor):
         return logits[0].numpy()
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of a whole checkpoint file (CLIP's are a few hundred MB: read once per extractor)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
