@@ -86,14 +86,20 @@ class PrototypeBank:
 # building
 
 
-def _masks_at(masks: torch.Tensor | np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
-    """bool (N, h, w) masks at the feature grid; larger masks are area-downsampled (pixel kept if >= half)."""
-    m = torch.as_tensor(np.asarray(masks)).bool()
+def masks_at(masks: np.ndarray, hw: tuple[int, int], min_fraction: float) -> torch.Tensor:
+    """bool (N, H, W) -> bool (N, h, w): a feature cell is in the mask when >= min_fraction of its
+    area is. An image whose mask is non-empty but covers no cell that much keeps its best-covered
+    cell(s), so small objects still give prototypes."""
+    m = torch.as_tensor(np.asarray(masks)).float()
     if m.ndim != 3:
-        raise ValueError(f"masks must be (N, h, w), got {tuple(m.shape)}")
-    if tuple(m.shape[-2:]) != hw:
-        m = F.interpolate(m[:, None].float(), size=hw, mode="area")[:, 0] >= 0.5
-    return m
+        raise ValueError(f"masks must be (N, H, W), got {tuple(m.shape)}")
+    frac = F.interpolate(m[:, None], size=hw, mode="area")[:, 0] if tuple(m.shape[-2:]) != tuple(hw) else m
+    out = frac >= min_fraction
+    best = frac.flatten(1).max(1).values
+    fallback = (~out.flatten(1).any(1)) & (best > 0)
+    for i in torch.nonzero(fallback).flatten().tolist():
+        out[i] = frac[i] >= best[i]
+    return out
 
 
 def _kmeans_parts(points: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -166,7 +172,7 @@ def build_class_bank(class_name: str, features: torch.Tensor, fg_masks, bg_masks
 
     features: (N, C, h, w) dense features of the N support images (any scale: pixels are
               L2-normalised first so every pixel weighs the same in the means).
-    fg_masks, bg_masks: bool (N, h, w) (or larger: area-downsampled to the feature grid).
+    fg_masks, bg_masks: bool (N, h, w) (or larger: area-downsampled to the feature grid, `masks_at`).
     support_keys: one id per support image, recorded in the prototypes' metadata.
     stuff: keep no background prototypes.
     """
@@ -180,7 +186,7 @@ def build_class_bank(class_name: str, features: torch.Tensor, fg_masks, bg_masks
     meta: list[PrototypeMeta] = []
     sides = [("fg", fg_masks)] + ([] if stuff else [("bg", bg_masks)])
     for side, masks in sides:
-        masks = _masks_at(masks, (h, w))
+        masks = masks_at(masks, (h, w), 0.5)
         if len(masks) != n:
             raise ValueError(f"{len(masks)} {side} masks for {n} feature maps")
         v, m = _side_prototypes(class_name, side, features, masks, list(support_keys), k_parts, seed, max_kmeans_points)

@@ -24,12 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
 from ..config import ExtractorConfig, FilterConfig
 from ..prompts import Prompt
-from .bank import PrototypeBank, build_class_bank
+from .bank import PrototypeBank, build_class_bank, masks_at
 from .features import FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -298,22 +295,6 @@ def support_from_run(run_dir: str | Path, class_name: str, n: int, min_pixels: i
 
 # ----------------------------------------------------------------------------------------------
 # support set -> bank
-
-
-def masks_at(masks: np.ndarray, hw: tuple[int, int], min_fraction: float) -> torch.Tensor:
-    """bool (N, H, W) -> bool (N, h, w): a feature cell is in the mask when >= min_fraction of its
-    area is. An image whose mask is non-empty but covers no cell that much keeps its best-covered
-    cell(s), so small objects still give prototypes."""
-    m = torch.as_tensor(np.asarray(masks)).float()
-    if m.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W), got {tuple(m.shape)}")
-    frac = F.interpolate(m[:, None], size=hw, mode="area")[:, 0] if tuple(m.shape[-2:]) != tuple(hw) else m
-    out = frac >= min_fraction
-    best = frac.flatten(1).max(1).values
-    fallback = (~out.flatten(1).any(1)) & (best > 0)
-    for i in torch.nonzero(fallback).flatten().tolist():
-        out[i] = frac[i] >= best[i]
-    return out
 
 
 def bank_from_support(support: SupportSet, extractor: FeatureExtractor, k_parts: int = 32, seed: int = 0,
