@@ -3,10 +3,12 @@
 Typical use:
 
     extractor = SDQueryFeatures(pipe)                       # features.py, clip_features.py
-    fp = make_fingerprint(extractor.fingerprint(), settings)
+    fp = make_fingerprint(extractor.fingerprint(), settings)           # fingerprint.py
     bank = BankCache(root).get_or_build(classes, fp, build_fn).bank   # cache.py, bank.py, bank_files.py
     results = segment_images(extractor, images, bank, classes)       # segment.py
 
+Support sets (support.py) come from a dataset run or are generated; build_config.py describes a
+whole bank build (`BankBuildConfig`) and build.py runs it class by class through the cache.
 Pure library code: no Prefect, no CLI.
 """
 from .bank import PrototypeBank, PrototypeMeta, build_class_bank, drop_confusing_background, merge_banks
