@@ -197,6 +197,7 @@ def train(cfg: TrainConfig) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cfg.check_sources()  # all refused before rendering or encoding anything
+    # short names for the keys the stage below reads most
     steps, batch, seed, text_layers = cfg.steps, cfg.batch, cfg.seed, cfg.text_layers
     init_from, vae_from, unet_layers = cfg.init_from, cfg.vae_from, cfg.unet_transformer_layers
     grounding_weight, pixel_weight, colour_dropout = cfg.grounding_weight, cfg.pixel_weight, cfg.colour_dropout
