@@ -2,10 +2,10 @@
 
     from flows.build_prototypes import build_prototypes
     from maskmill.prototypes.build_config import load_bank_build_config
-    summary = build_prototypes(load_bank_build_config("configs/prototypes-shapes.yaml", ["k_parts=8"]))
+    summary = build_prototypes(load_bank_build_config("configs/prototypes/shapes.yaml", ["k_parts=8"]))
     # {"built": [...], "reused": [...], "bank_path": ".../bank.safetensors", ...}
 
-    python -m flows.build_prototypes --config configs/prototypes-shapes.yaml [--classes circle,square]
+    python -m flows.build_prototypes --config configs/prototypes/shapes.yaml [--classes circle,square]
         [--cache-root DIR] [--support RUN_DIR] [--set k_parts=8 --set class_overrides.star.n_support=64]
 
 One mapped task per class (`tasks.prototypes.build_class_prototypes`); each caches on its class's

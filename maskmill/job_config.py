@@ -1,6 +1,6 @@
 """Loading a job's config object (training, bank building) from YAML, with overrides, before any work.
 
-    cfg = load_job_config(TrainConfig, "configs/train-shapes-sd.yaml", overrides=["steps=10"], flags={"out": "x"})
+    cfg = load_job_config(TrainConfig, "configs/train/shapes-sd.yaml", overrides=["steps=10"], flags={"out": "x"})
 
 Each job has one pydantic model (`toyworld.train_config.TrainConfig`,
 `prototypes.build_config.BankBuildConfig`); a run has `config.RunConfig`. The YAML file gives the

@@ -16,7 +16,7 @@ MODEL_CARD_SUMMARY = REPO / "maskmill" / "assets" / "shapes-sd" / "training_summ
 
 
 def test_the_training_config_reproduces_the_committed_models_last_stage():
-    cfg = config_from_args(["--config", str(REPO / "configs" / "train-shapes-sd.yaml")])
+    cfg = config_from_args(["--config", str(REPO / "configs" / "train" / "shapes-sd.yaml")])
     summary = json.loads(MODEL_CARD_SUMMARY.read_text())
     for key in ("steps", "batch", "lr", "scenes", "seed", "grounding_weight", "pixel_weight", "colour_dropout"):
         assert getattr(cfg, key) == summary[key], key
@@ -24,7 +24,7 @@ def test_the_training_config_reproduces_the_committed_models_last_stage():
 
 
 def test_command_line_options_win_over_the_file_and_set_comes_last():
-    cfg = config_from_args(["--config", str(REPO / "configs" / "train-shapes-sd.yaml"), "--steps", "7",
+    cfg = config_from_args(["--config", str(REPO / "configs" / "train" / "shapes-sd.yaml"), "--steps", "7",
                             "--grounding", "0.3", "--set", "steps=9", "--out", "/tmp/x"])
     assert (cfg.steps, cfg.grounding_weight, cfg.out) == (9, 0.3, "/tmp/x")
     assert cfg.pixel_weight == 0.05  # untouched keys keep the file's value
@@ -53,7 +53,7 @@ def test_training_refuses_a_missing_source_folder_before_any_work(tmp_path):
 
 
 def test_the_bank_config_reads_the_micro_models_recipe_and_per_class_overrides():
-    cfg = load_bank_build_config(REPO / "configs" / "prototypes-shapes.yaml",
+    cfg = load_bank_build_config(REPO / "configs" / "prototypes" / "shapes.yaml",
                                  ["class_overrides.star.k_parts=4", "class_overrides.star.filter.min_area=0.05"])
     shapes_run = (REPO / "configs" / "shapes.yaml").read_text()
     star, circle = cfg.class_spec("star"), cfg.class_spec("circle")
@@ -83,7 +83,7 @@ def test_bank_config_on_another_model_uses_ovdiffs_recipe():
 ])
 def test_bad_bank_configs_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as e:
-        load_bank_build_config(REPO / "configs" / "prototypes-shapes.yaml", overrides)
+        load_bank_build_config(REPO / "configs" / "prototypes" / "shapes.yaml", overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -110,7 +110,18 @@ def test_banks_from_a_run_take_the_runs_stuff_classes_unless_given(tmp_path):
 def test_the_build_prototypes_command_refuses_bad_options_in_one_line(capsys):
     from flows.build_prototypes import main
 
-    assert main(["--config", str(REPO / "configs" / "prototypes-shapes.yaml"), "--k-parts", "-2"]) == 2
+    assert main(["--config", str(REPO / "configs" / "prototypes" / "shapes.yaml"), "--k-parts", "-2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert err.endswith("prototypes-shapes.yaml: key 'k_parts': Input should be greater than or equal to 0")
+    assert err.endswith("shapes.yaml: key 'k_parts': Input should be greater than or equal to 0")
+
+
+def test_every_shipped_job_config_parses():
+    """configs/*.yaml are runs (tests/test_config.py); configs/train/ and configs/prototypes/ hold job configs."""
+    train = sorted((REPO / "configs" / "train").glob("*.yaml"))
+    banks = sorted((REPO / "configs" / "prototypes").glob("*.yaml"))
+    assert train and banks
+    for path in train:
+        assert config_from_args(["--config", str(path)]).steps > 0
+    for path in banks:
+        assert load_bank_build_config(path).classes

@@ -1,6 +1,6 @@
 """How to build OVDiff prototype banks: one validated config object (`BankBuildConfig`), YAML in configs/.
 
-    cfg = load_bank_build_config("configs/prototypes-shapes.yaml", overrides=["k_parts=8"])
+    cfg = load_bank_build_config("configs/prototypes/shapes.yaml", overrides=["k_parts=8"])
     spec = cfg.class_spec("circle")   # the JSON build spec of one class: what its cache key covers
 
 Per-class settings (`ClassSettings`) may be given once for all classes and changed for some in
@@ -182,7 +182,7 @@ def config_from_args(argv: list[str] | None = None, prog: str | None = None) -> 
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description="Build OVDiff prototype banks (cached per class).")
-    p.add_argument("--config", help="YAML file of BankBuildConfig keys (e.g. configs/prototypes-shapes.yaml)")
+    p.add_argument("--config", help="YAML file of BankBuildConfig keys (e.g. configs/prototypes/shapes.yaml)")
     p.add_argument("--classes", help="comma-separated class names")
     p.add_argument("--cache-root")
     p.add_argument("--model")

@@ -12,8 +12,8 @@
         --init-from /tmp/base --vae-from /tmp/base --text-layers 1 --grounding 0.1 --grounding-pixel 0.05 \
         --colour-dropout 0.3 --threads 2 --workers 1 --data-cache /tmp/shapes_train.npz
     # 4. continued at a lower rate with more colourless captions (2,000 steps, 27 min on 1 thread):
-    #    configs/train-shapes-sd.yaml holds this stage's options
-    python -m maskmill.toyworld.train --config configs/train-shapes-sd.yaml --out maskmill/assets/shapes-sd
+    #    configs/train/shapes-sd.yaml holds this stage's options
+    python -m maskmill.toyworld.train --config configs/train/shapes-sd.yaml --out maskmill/assets/shapes-sd
     python -m maskmill.toyworld.train --out /tmp/m --steps 5 --vae-steps 5 --scenes 64   # smoke test
 
 Every option is a key of `TrainConfig` (train_config.py); `--config FILE` reads them from YAML,
@@ -353,7 +353,7 @@ FLAG_KEYS = {"grounding": "grounding_weight", "grounding_pixel": "pixel_weight"}
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """The training config from `--config` (optional), the options given (they win) and `--set`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML file of TrainConfig keys (e.g. configs/train-shapes-sd.yaml)")
+    p.add_argument("--config", help="YAML file of TrainConfig keys (e.g. configs/train/shapes-sd.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.add_argument("--out")
     for flag, kind in (("steps", int), ("vae-steps", int), ("scenes", int), ("batch", int), ("lr", float),

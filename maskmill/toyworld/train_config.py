@@ -1,6 +1,6 @@
 """How to train the micro SD: one validated config object (`TrainConfig`), YAML in configs/.
 
-    cfg = load_train_config("configs/train-shapes-sd.yaml", overrides=["steps=10"], flags={"out": "/tmp/m"})
+    cfg = load_train_config("configs/train/shapes-sd.yaml", overrides=["steps=10"], flags={"out": "/tmp/m"})
 
 Every key is a `python -m maskmill.toyworld.train` option (underscores for dashes, except
 `--grounding` -> grounding_weight, `--grounding-pixel` -> pixel_weight); options given on the
