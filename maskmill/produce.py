@@ -1,13 +1,19 @@
-"""Make one shard: generate its planned samples with capture, extract masks, filter, write.
+"""Generate -> extract -> filter: the one loop that turns prompts into judged samples.
 
-No Prefect here: `tasks/` wraps `produce_shard`. The pipeline is passed in (loaded once per
-worker process); everything else follows from the config and the shard id.
+`judged_samples` generates candidates batch by batch with attention capture, extracts their
+masks and judges each with the run's filter rules until enough are accepted. Two callers:
+`produce_shard` (a dataset shard: every judged sample becomes a shard record) and
+`prototypes.support.generate_support` (an OVDiff support set: accepted samples become fg/bg
+masks). No Prefect here: `tasks/` wraps `produce_shard`. The pipeline is passed in (loaded
+once per worker process); everything else follows from the config and the shard id.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -15,21 +21,48 @@ from .capture import CaptureConfig
 from .config import FilterConfig, RunConfig
 from .extractors import ClassSpec, Extractor, MaskResult, get_extractor
 from .generate import GenerationSettings, generate_with_attention, latent_hw
-from .plan import PlannedSample, RunPlan
+from .plan import RunPlan
+from .prompts import Prompt
 from .shards.records import ACCEPTED, REJECTED, SampleRecord, build_meta, remap_labels
 from .shards.writer import ShardStats, write_shard
 from .tokens import phrase_token_indices
+
+GenerationGate = Callable[[], contextlib.AbstractContextManager]
+
+
+class Candidate(Protocol):
+    """What the loop generates: a prompt (text + classes with their seed phrases) and a seed."""
+
+    prompt: Prompt
+    seed: int
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+@dataclass(frozen=True)
+class Judged(Generic[C]):
+    """One generated candidate with its extracted masks and verdict ('' = accepted)."""
+
+    candidate: C
+    image: np.ndarray
+    result: MaskResult
+    reason: str
+
+    @property
+    def accepted(self) -> bool:
+        return not self.reason
 
 
 def settings_of(cfg: RunConfig) -> GenerationSettings:
     return GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width)
 
 
-def capture_config_for(extractor: Extractor, pipe, cfg: RunConfig) -> CaptureConfig:
+def capture_config_for(extractor: Extractor, pipe, height: int, width: int) -> CaptureConfig:
     """Record only what the extractor reads (it knows), else everything."""
     wants = getattr(extractor, "capture_config", None)
     if callable(wants):
-        return wants(pipe.unet, latent_hw(pipe, cfg.height, cfg.width))
+        return wants(pipe.unet, latent_hw(pipe, height, width))
     return CaptureConfig()
 
 
@@ -39,17 +72,21 @@ def mask_fractions(result: MaskResult, n_classes: int) -> list[float]:
     return [round(float((result.labels == k + 1).sum()) / area, 6) for k in range(n_classes)]
 
 
-def rejection_reason(image: np.ndarray, result: MaskResult, names: list[str], rules: FilterConfig) -> str:
+def rejection_reason(image: np.ndarray, result: MaskResult, names: list[str], rules: FilterConfig,
+                     require_mask: bool = False) -> str:
     """'' when the sample is usable, else why not: the first rule that fails and its class.
 
-    Reasons carry no numbers, so the shard stats count them as a histogram; the numbers are in
-    the sample's metadata (`confidence`, `mask_fraction`).
+    require_mask: also refuse a class whose mask is empty (the generator missed the class),
+    whatever min_area says. Reasons carry no numbers, so stats count them as a histogram; the
+    numbers are in the sample's metadata (`confidence`, `mask_fraction`).
     """
     if not np.isfinite(image.astype(np.float32)).all():
         return "nan image"
     if image.std() < 2.0:
         return "blank image"
-    for name, conf, frac in zip(names, result.confidence, mask_fractions(result, len(names))):
+    for k, (name, conf, frac) in enumerate(zip(names, result.confidence, mask_fractions(result, len(names)))):
+        if require_mask and not (result.labels == k + 1).any():
+            return f"empty mask: {name}"
         if not np.isfinite(conf) or conf < rules.min_confidence:
             return f"low confidence: {name}"
         if frac < rules.min_area:
@@ -59,58 +96,64 @@ def rejection_reason(image: np.ndarray, result: MaskResult, names: list[str], ru
     return ""
 
 
-def class_specs(tokenizer, sample: PlannedSample) -> list[ClassSpec]:
-    return [ClassSpec(c.name, phrase_token_indices(tokenizer, sample.prompt.text, c.phrase))
-            for c in sample.prompt.classes]
+def class_specs(tokenizer, prompt: Prompt) -> list[ClassSpec]:
+    return [ClassSpec(c.name, phrase_token_indices(tokenizer, prompt.text, c.phrase)) for c in prompt.classes]
+
+
+def judged_samples(pipe, extractor: Extractor, candidates: Iterable[C], need: int, settings: GenerationSettings,
+                   rules: FilterConfig, batch_size: int, generation_gate: GenerationGate | None = None,
+                   require_mask: bool = False) -> Iterator[Judged[C]]:
+    """Judged candidates, in order, until `need` are accepted or the candidates run out.
+
+    Each batch asks for no more than the samples still missing, so no image is generated in vain
+    and the batches depend only on the inputs. `generation_gate()`, if given, is entered around
+    each batch's generation only (not extraction), e.g. a Prefect global concurrency slot per GPU.
+    """
+    gate = generation_gate or contextlib.nullcontext
+    capture = capture_config_for(extractor, pipe, settings.height, settings.width)
+    candidates = iter(candidates)
+    while need > 0:
+        batch = list(islice(candidates, min(batch_size, need)))
+        if not batch:
+            break  # the candidates are used up: the caller reports the shortfall
+        with gate():
+            images, attns = generate_with_attention(pipe, [c.prompt.text for c in batch], [c.seed for c in batch],
+                                                    settings, capture)
+        for candidate, image, attn in zip(batch, images, attns):
+            result = extractor.extract(attn, class_specs(pipe.tokenizer, candidate.prompt), image)
+            names = [c.name for c in candidate.prompt.classes]
+            reason = rejection_reason(image, result, names, rules, require_mask)
+            if not reason:
+                need -= 1
+            yield Judged(candidate, image, result, reason)
 
 
 def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor: Extractor,
-                  progress=None, generation_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
-                  ) -> Iterator[SampleRecord]:
-    """Records of one shard, generated batch by batch until its quota of accepted samples is met.
-
-    Each batch asks for no more than the samples still missing, so no image is generated in vain
-    and a shard's batches depend only on the config. `generation_gate()`, if given, is entered
-    around each batch's generation only (not extraction or writing), e.g. a Prefect global
-    concurrency slot per GPU.
-    """
-    gate = generation_gate or contextlib.nullcontext
+                  progress=None, generation_gate: GenerationGate | None = None) -> Iterator[SampleRecord]:
+    """Records of one shard, accepted and rejected, until its quota of accepted samples is met."""
     ids = plan.class_ids()
-    settings = settings_of(cfg)
-    capture = capture_config_for(extractor, pipe, cfg)
-    need = plan.quota(shard_id)
-    candidates = plan.candidates(shard_id)
-    while need > 0:
-        batch = list(islice(candidates, min(cfg.batch_size, need)))
-        if not batch:
-            break  # the shard's candidate range is used up: the stats show the shortfall
-        with gate():
-            images, attns = generate_with_attention(pipe, [s.prompt.text for s in batch], [s.seed for s in batch],
-                                                    settings, capture)
-        for sample, image, attn in zip(batch, images, attns):
-            names = sample.class_names
-            result = extractor.extract(attn, class_specs(pipe.tokenizer, sample), image)
-            reason = rejection_reason(image, result, names, cfg.filter)
-            meta = build_meta(prompt=sample.prompt.text, seed=sample.seed, classes=names,
-                              class_ids=[ids[n] for n in names], model=cfg.model, extractor=extractor.name,
-                              extractor_params=extractor.params(), confidence=result.confidence.tolist(),
-                              mask_fraction=mask_fractions(result, len(names)), scores={"index": sample.index},
-                              width=cfg.width, height=cfg.height)
-            if reason:
-                yield SampleRecord(index=sample.index, key=sample.key, status=REJECTED, reason=reason, meta=meta)
-            else:
-                need -= 1
-                yield SampleRecord(index=sample.index, key=sample.key, status=ACCEPTED, image=image,
-                                   mask=remap_labels(result.labels, [ids[n] for n in names]), meta=meta)
-            if progress is not None:
-                progress(1)
+    for judged in judged_samples(pipe, extractor, plan.candidates(shard_id), plan.quota(shard_id), settings_of(cfg),
+                                 cfg.filter, cfg.batch_size, generation_gate):
+        sample, result = judged.candidate, judged.result
+        names = sample.class_names
+        meta = build_meta(prompt=sample.prompt.text, seed=sample.seed, classes=names,
+                          class_ids=[ids[n] for n in names], model=cfg.model, extractor=extractor.name,
+                          extractor_params=extractor.params(), confidence=result.confidence.tolist(),
+                          mask_fraction=mask_fractions(result, len(names)), scores={"index": sample.index},
+                          width=cfg.width, height=cfg.height)
+        if judged.accepted:
+            yield SampleRecord(index=sample.index, key=sample.key, status=ACCEPTED, image=judged.image,
+                               mask=remap_labels(result.labels, [ids[n] for n in names]), meta=meta)
+        else:
+            yield SampleRecord(index=sample.index, key=sample.key, status=REJECTED, reason=judged.reason, meta=meta)
+        if progress is not None:
+            progress(1)
 
 
-def produce_shard(cfg: RunConfig, shard_id: int, pipe, shards_dir, extractor: Extractor | None = None,
-                  progress=None, generation_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
-                  ) -> ShardStats:
+def produce_shard(cfg: RunConfig, shard_id: int, pipe, run_dir, extractor: Extractor | None = None,
+                  progress=None, generation_gate: GenerationGate | None = None) -> ShardStats:
     """Generate, extract, filter and write shard `shard_id`; returns its stats (written last)."""
     plan = RunPlan(cfg)
     extractor = extractor or get_extractor(cfg.extractor.name, **cfg.extractor.params)
     records = shard_records(cfg, plan, shard_id, pipe, extractor, progress, generation_gate)
-    return write_shard(shards_dir, shard_id, records, image_format=cfg.image_format, mtime=0.0)
+    return write_shard(run_dir, shard_id, records, image_format=cfg.image_format, mtime=0.0)

@@ -74,7 +74,7 @@ def unique_stems(paths: list[Path]) -> list[str]:
 
 def load_checked_bank(path: Path):
     """Load the bank (readability and tensor hash checked); the fingerprint is checked later."""
-    from .prototypes.bank import BankError, bank_paths, load_bank
+    from .prototypes.bank_files import BankError, bank_paths, load_bank
 
     tensor_path, meta_path = bank_paths(path)
     if not tensor_path.exists() and not meta_path.exists():
@@ -119,7 +119,7 @@ def expected_fingerprint(bank, extractor) -> dict:
     display id is taken from the bank too (the same weights loaded as "shapes-sd" or by path
     are the same model: configs and the weights digest decide).
     """
-    from .prototypes.bank import maskmill_version
+    from .prototypes.fingerprint import maskmill_version
 
     fe = json.loads(json.dumps(extractor.fingerprint()))
     stored_model = (bank.fingerprint.get("feature_extractor") or {}).get("model") or {}
@@ -130,7 +130,7 @@ def expected_fingerprint(bank, extractor) -> dict:
 
 
 def _run(args) -> int:
-    from .prototypes.bank import FingerprintMismatchError, load_bank
+    from .prototypes.bank_files import FingerprintMismatchError, load_bank
     from .prototypes.segment import DEFAULT_REFINER, clip_prefilter, make_refiner, save_segmentation, segment_images
 
     try:
@@ -162,7 +162,7 @@ def _run(args) -> int:
 
     prefilter = None
     if clip_path is not None:
-        from .prototypes.features import CLIPPatchFeatures
+        from .prototypes.clip_features import CLIPPatchFeatures
 
         try:
             prefilter = clip_prefilter(CLIPPatchFeatures(clip_path))

@@ -116,14 +116,21 @@ def test_generate_support_on_a_tiny_model(model_dir):
     assert_same_image_up_to_rounding(again.images[0], sup.images[0])
 
 
+def build_prototypes(classes, **settings):
+    """The flow on a config object made from keyword settings."""
+    from flows.build_prototypes import build_prototypes as flow
+    from maskmill.prototypes.build_config import BankBuildConfig
+
+    return flow(BankBuildConfig(classes=classes, **settings))
+
+
 def test_flow_builds_reuses_and_rebuilds_only_changed_classes(harness, run_dir, model_dir, tmp_path):
-    import tasks.prototypes as tp
-    from flows.build_prototypes import build_prototypes
+    from maskmill.prototypes.build import clear_pipelines
 
     cache = tmp_path / "cache"
     out = tmp_path / "bank.safetensors"
     kw = dict(cache_root=str(cache), model=str(model_dir), support=str(run_dir), n_support=3, k_parts=4, out=str(out))
-    tp.clear_pipelines()
+    clear_pipelines()
     first = build_prototypes(["circle", "square"], **kw)
     assert first["built"] == ["circle", "square"] and first["reused"] == []
     bank = load_bank(first["bank_path"])
@@ -132,7 +139,7 @@ def test_flow_builds_reuses_and_rebuilds_only_changed_classes(harness, run_dir, 
     assert set(first["per_class"]["circle"]["timings"]) >= {"support", "features_and_bank"}
 
     loads = PIPELINE_LOADS["count"]
-    tp.clear_pipelines()  # a reuse must not even load the model
+    clear_pipelines()  # a reuse must not even load the model
     second = build_prototypes(["circle", "square"], **kw)
     assert second["built"] == [] and second["reused"] == ["circle", "square"]
     assert PIPELINE_LOADS["count"] == loads
@@ -152,8 +159,6 @@ def test_flow_builds_reuses_and_rebuilds_only_changed_classes(harness, run_dir, 
 
 
 def test_flow_generate_support_end_to_end(harness, model_dir, tmp_path):
-    from flows.build_prototypes import build_prototypes
-
     kw = dict(cache_root=str(tmp_path / "cache"), model=str(model_dir), support="generate", n_support=2, k_parts=2,
               prompts="shapes", steps=2, guidance=4.0)
     first = build_prototypes(["star", "circle"], **kw)

@@ -178,10 +178,12 @@ def test_the_tune_split_never_uses_held_out_captions_and_eval_uses_only_those():
 def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_refused_first():
     from maskmill.toyworld import bench_ovdiff
 
-    test_images, test_labels = bench_ovdiff.rendered_test_set(8, bench_ovdiff.SCENE_SEEDS["test"])
-    tune_images, _ = bench_ovdiff.rendered_test_set(8, bench_ovdiff.SCENE_SEEDS["tune"])
+    from maskmill.toyworld.ovdiff_scoring import CLASS_NAMES, SCENE_SEEDS, rendered_test_set
+
+    test_images, test_labels = rendered_test_set(8, SCENE_SEEDS["test"])
+    tune_images, _ = rendered_test_set(8, SCENE_SEEDS["tune"])
     assert not any(np.array_equal(a, b) for a in test_images for b in tune_images)
-    assert set(np.unique(test_labels)) <= set(range(len(bench_ovdiff.CLASS_NAMES)))
+    assert set(np.unique(test_labels)) <= set(range(len(CLASS_NAMES)))
     with pytest.raises(ValueError, match="unknown split 'holdout'"):
         bench_ovdiff.run(None, bench_ovdiff.BenchSettings(split="holdout"))  # before touching the pipeline
     with pytest.raises(ValueError, match="unknown refinement 'crf'"):
@@ -195,7 +197,7 @@ def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_ref
 
 
 def test_bench_ovdiff_averages_iou_tables_over_support_draws():
-    from maskmill.toyworld.bench_ovdiff import CLASS_NAMES, confusion, iou_table, mean_table
+    from maskmill.toyworld.ovdiff_scoring import CLASS_NAMES, confusion, iou_table, mean_table
 
     gt = np.zeros((4, 4), np.int64)
     gt[:2] = 1
@@ -217,7 +219,7 @@ def test_instance_similarity_groups_pairs_by_shape_and_colour():
     """Features that encode only colour: same-colour pairs are identical whatever the shape."""
     from maskmill.prototypes.bank import build_class_bank, merge_banks
     from maskmill.prototypes.support import SupportSet
-    from maskmill.toyworld import bench_ovdiff
+    from maskmill.toyworld import ovdiff_diagnostics
 
     colours = ["red", "blue", "red"]
     direction = {"red": [1.0, 0.0, 0.0], "blue": [0.0, 1.0, 0.0]}
@@ -230,12 +232,13 @@ def test_instance_similarity_groups_pairs_by_shape_and_colour():
         banks.append(build_class_bank(shape, feats, fg, ~fg, keys, k_parts=0))
         supports.append(SupportSet(shape, np.zeros((3, 4, 4, 3), np.uint8), fg, ~fg, keys,
                                    prompts=[f"a {c} {shape}" for c in colours]))
-    sims = bench_ovdiff.colour_vs_shape_similarity(merge_banks(banks), supports)
+    sims = ovdiff_diagnostics.colour_vs_shape_similarity(merge_banks(banks), supports)
     assert sims["other shape, same colour"] == pytest.approx(1.0)
     assert sims["same shape, same colour"] == pytest.approx(1.0)
     assert sims["same shape, other colour"] == pytest.approx(0.0, abs=1e-6)
     assert sims["other shape, other colour"] == pytest.approx(0.0, abs=1e-6)
-    assert bench_ovdiff.prompt_colour("a green star") == "green" and bench_ovdiff.prompt_colour("a star") is None
+    assert ovdiff_diagnostics.prompt_colour("a green star") == "green"
+    assert ovdiff_diagnostics.prompt_colour("a star") is None
 
 
 def test_bench_ovdiff_runs_end_to_end_on_the_embedded_model_and_averages_its_draws():

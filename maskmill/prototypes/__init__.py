@@ -2,30 +2,21 @@
 
 Typical use:
 
-    extractor = SDQueryFeatures(pipe)                       # features.py
-    fp = make_fingerprint(extractor.fingerprint(), settings)
-    bank = BankCache(root).get_or_build(classes, fp, build_fn).bank   # cache.py, bank.py
+    extractor = SDQueryFeatures(pipe)                       # features.py, clip_features.py
+    fp = make_fingerprint(extractor.fingerprint(), settings)           # fingerprint.py
+    bank = BankCache(root).get_or_build(classes, fp, build_fn).bank   # cache.py, bank.py, bank_files.py
     results = segment_images(extractor, images, bank, classes)       # segment.py
 
+Support sets (support.py) come from a dataset run or are generated; build_config.py describes a
+whole bank build (`BankBuildConfig`) and build.py runs it class by class through the cache.
 Pure library code: no Prefect, no CLI.
 """
-from .bank import (
-    BankCorruptedError,
-    BankError,
-    FingerprintMismatchError,
-    PrototypeBank,
-    PrototypeMeta,
-    build_class_bank,
-    drop_confusing_background,
-    fingerprint_differences,
-    fingerprint_hash,
-    load_bank,
-    make_fingerprint,
-    merge_banks,
-    save_bank,
-)
+from .bank import PrototypeBank, PrototypeMeta, build_class_bank, drop_confusing_background, merge_banks
+from .bank_files import BankCorruptedError, BankError, FingerprintMismatchError, load_bank, save_bank
+from .fingerprint import fingerprint_differences, fingerprint_hash, make_fingerprint
 from .cache import BankCache, CacheResult, UnsafeClassNameError, safe_class_dirname
-from .features import CLIPPatchFeatures, FeatureExtractor, SDQueryFeatures, default_query_layers
+from .clip_features import CLIPPatchFeatures
+from .features import FeatureExtractor, SDQueryFeatures, default_query_layers
 from .segment import (
     Segmentation,
     clip_prefilter,

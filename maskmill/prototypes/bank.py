@@ -7,39 +7,23 @@ for the foreground and for the background alike:
   - "part": k-means centroids of the masked pixels (K = 32 by default).
 Stuff classes ("sky", "grass") keep no background prototypes: their "background" is other stuff.
 
-Banks merge (`merge_banks`), lose background prototypes that look like another class's foreground
-(`drop_confusing_background`), and save as safetensors + a JSON sidecar stamped with a fingerprint
-and a hash of the tensor bytes (`save_bank` / `load_bank`).
+Banks merge (`merge_banks`) and lose background prototypes that look like another class's
+foreground (`drop_confusing_background`); bank_files.py saves and loads them, fingerprint.py says
+what they were built with.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-FORMAT_VERSION = 1
+from .fingerprint import fingerprint_differences
+
 SIDES = ("fg", "bg")
 KINDS = ("class", "instance", "part")
-
-
-class BankError(ValueError):
-    """A bank file cannot be used."""
-
-
-class BankCorruptedError(BankError):
-    """Unreadable files, a tensor hash that does not match, or inconsistent metadata."""
-
-
-class FingerprintMismatchError(BankError):
-    """The bank was built with other features/settings than the caller expects."""
 
 
 @dataclass(frozen=True)
@@ -102,14 +86,20 @@ class PrototypeBank:
 # building
 
 
-def _masks_at(masks: torch.Tensor | np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
-    """bool (N, h, w) masks at the feature grid; larger masks are area-downsampled (pixel kept if >= half)."""
-    m = torch.as_tensor(np.asarray(masks)).bool()
+def masks_at(masks: np.ndarray, hw: tuple[int, int], min_fraction: float) -> torch.Tensor:
+    """bool (N, H, W) -> bool (N, h, w): a feature cell is in the mask when >= min_fraction of its
+    area is. An image whose mask is non-empty but covers no cell that much keeps its best-covered
+    cell(s), so small objects still give prototypes."""
+    m = torch.as_tensor(np.asarray(masks)).float()
     if m.ndim != 3:
-        raise ValueError(f"masks must be (N, h, w), got {tuple(m.shape)}")
-    if tuple(m.shape[-2:]) != hw:
-        m = F.interpolate(m[:, None].float(), size=hw, mode="area")[:, 0] >= 0.5
-    return m
+        raise ValueError(f"masks must be (N, H, W), got {tuple(m.shape)}")
+    frac = F.interpolate(m[:, None], size=hw, mode="area")[:, 0] if tuple(m.shape[-2:]) != tuple(hw) else m
+    out = frac >= min_fraction
+    best = frac.flatten(1).max(1).values
+    fallback = (~out.flatten(1).any(1)) & (best > 0)
+    for i in torch.nonzero(fallback).flatten().tolist():
+        out[i] = frac[i] >= best[i]
+    return out
 
 
 def _kmeans_parts(points: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -182,7 +172,7 @@ def build_class_bank(class_name: str, features: torch.Tensor, fg_masks, bg_masks
 
     features: (N, C, h, w) dense features of the N support images (any scale: pixels are
               L2-normalised first so every pixel weighs the same in the means).
-    fg_masks, bg_masks: bool (N, h, w) (or larger: area-downsampled to the feature grid).
+    fg_masks, bg_masks: bool (N, h, w) (or larger: area-downsampled to the feature grid, `masks_at`).
     support_keys: one id per support image, recorded in the prototypes' metadata.
     stuff: keep no background prototypes.
     """
@@ -196,7 +186,7 @@ def build_class_bank(class_name: str, features: torch.Tensor, fg_masks, bg_masks
     meta: list[PrototypeMeta] = []
     sides = [("fg", fg_masks)] + ([] if stuff else [("bg", bg_masks)])
     for side, masks in sides:
-        masks = _masks_at(masks, (h, w))
+        masks = masks_at(masks, (h, w), 0.5)
         if len(masks) != n:
             raise ValueError(f"{len(masks)} {side} masks for {n} feature maps")
         v, m = _side_prototypes(class_name, side, features, masks, list(support_keys), k_parts, seed, max_kmeans_points)
@@ -257,145 +247,3 @@ def drop_confusing_background(bank: PrototypeBank, threshold: float = 0.85) -> P
     keep = torch.ones(len(bank), dtype=torch.bool)
     keep[torch.tensor(bg_idx)[confusing]] = False
     return bank.subset(keep)
-
-
-# ----------------------------------------------------------------------------------------------
-# fingerprints
-
-
-def maskmill_version() -> str:
-    import maskmill
-
-    return str(getattr(maskmill, "__version__", "0"))
-
-
-def make_fingerprint(extractor_fingerprint: dict, settings: dict) -> dict:
-    """What identifies a bank: model, feature extractor, build settings, maskmill code version."""
-    return {
-        "model": extractor_fingerprint.get("model"),
-        "feature_extractor": extractor_fingerprint,
-        "settings": settings,
-        "maskmill_version": maskmill_version(),
-    }
-
-
-def canonical_json(obj) -> str:
-    # Round-trip through JSON first so tuples and lists (and int keys) compare alike.
-    return json.dumps(json.loads(json.dumps(obj, default=str)), sort_keys=True, separators=(",", ":"))
-
-
-def fingerprint_hash(fingerprint: dict) -> str:
-    return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
-
-
-def fingerprint_differences(stored, expected, prefix: str = "") -> list[str]:
-    """Human-readable list of the keys whose values differ, e.g. "feature_extractor.timestep: 200 != 300"."""
-    stored, expected = json.loads(canonical_json(stored)), json.loads(canonical_json(expected))
-    if isinstance(stored, dict) and isinstance(expected, dict):
-        out = []
-        for k in sorted(set(stored) | set(expected)):
-            key = f"{prefix}{k}"
-            if k not in stored:
-                out.append(f"{key}: missing in bank (expected {expected[k]!r})")
-            elif k not in expected:
-                out.append(f"{key}: not expected (bank has {stored[k]!r})")
-            else:
-                out += fingerprint_differences(stored[k], expected[k], key + ".")
-        return out
-    return [] if stored == expected else [f"{prefix.rstrip('.')}: bank has {stored!r}, expected {expected!r}"]
-
-
-# ----------------------------------------------------------------------------------------------
-# files
-
-
-def bank_paths(path: str | Path) -> tuple[Path, Path]:
-    """`x/bank.safetensors` (or `x/bank`) -> (tensor file, JSON sidecar)."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def _tensor_sha256(vectors: torch.Tensor) -> str:
-    return hashlib.sha256(vectors.contiguous().numpy().tobytes()).hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    # Write beside the target then rename: a killed run never leaves a half-written bank.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_bank(bank: PrototypeBank, path: str | Path, fingerprint: dict | None = None) -> Path:
-    """Write `<stem>.safetensors` then `<stem>.json` (last: its presence marks a complete bank)."""
-    from safetensors.torch import save_file
-
-    tensor_path, meta_path = bank_paths(path)
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = fingerprint if fingerprint is not None else bank.fingerprint
-    if fingerprint is None:
-        raise ValueError("a bank is saved with a fingerprint: pass one or set bank.fingerprint")
-    vectors = bank.vectors.float().contiguous()
-    _atomic_write(tensor_path, lambda p: save_file({"vectors": vectors}, p))
-    sidecar = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": json.loads(canonical_json(fingerprint)),
-        "fingerprint_hash": fingerprint_hash(fingerprint),
-        "tensor_file": tensor_path.name,
-        "tensor_sha256": _tensor_sha256(vectors),
-        "shape": list(vectors.shape),
-        "classes": bank.classes,
-        "prototypes": [asdict(m) for m in bank.meta],
-    }
-    _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(sidecar, indent=1)))
-    return tensor_path
-
-
-def load_bank(path: str | Path, expected_fingerprint: dict | None = None) -> PrototypeBank:
-    """Read a bank; refuse unreadable/corrupted files and (if given) a different fingerprint."""
-    from safetensors.torch import load_file
-
-    tensor_path, meta_path = bank_paths(path)
-    try:
-        sidecar = json.loads(meta_path.read_text())
-        meta = [PrototypeMeta(p["class_name"], p["side"], p["kind"], tuple(p["support_keys"]))
-                for p in sidecar["prototypes"]]
-        stored_hash, fingerprint = sidecar["tensor_sha256"], sidecar["fingerprint"]
-    except Exception as e:  # noqa: BLE001
-        raise BankCorruptedError(f"bank metadata {meta_path} is unreadable: {type(e).__name__}: {e}") from None
-    if sidecar.get("format_version") != FORMAT_VERSION:
-        raise BankCorruptedError(f"bank {meta_path} has format {sidecar.get('format_version')}, "
-                                 f"this maskmill reads {FORMAT_VERSION}")
-    try:
-        vectors = load_file(str(tensor_path))["vectors"]
-    except Exception as e:  # noqa: BLE001
-        raise BankCorruptedError(f"bank tensors {tensor_path} are unreadable: {type(e).__name__}: {e}") from None
-    actual_hash = _tensor_sha256(vectors)
-    if actual_hash != stored_hash:
-        raise BankCorruptedError(f"bank tensors {tensor_path} are corrupted: sha256 {actual_hash[:16]}… "
-                                 f"!= recorded {stored_hash[:16]}…")
-    if vectors.ndim != 2 or len(meta) != vectors.shape[0]:
-        raise BankCorruptedError(f"bank {tensor_path}: {len(meta)} metadata rows for tensor {tuple(vectors.shape)}")
-    if expected_fingerprint is not None:
-        diffs = fingerprint_differences(fingerprint, expected_fingerprint)
-        if diffs:
-            raise FingerprintMismatchError(f"bank {tensor_path} was built with a different fingerprint: "
-                                           + "; ".join(diffs))
-    return PrototypeBank(vectors, meta, fingerprint)
-
-
-def with_fingerprint(bank: PrototypeBank, fingerprint: dict) -> PrototypeBank:
-    return replace(bank, fingerprint=fingerprint)
-
-
-__all__ = [
-    "BankCorruptedError", "BankError", "FingerprintMismatchError", "PrototypeBank", "PrototypeMeta",
-    "build_class_bank", "drop_confusing_background", "fingerprint_differences", "fingerprint_hash",
-    "load_bank", "make_fingerprint", "merge_banks", "save_bank", "with_fingerprint",
-]

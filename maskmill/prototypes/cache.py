@@ -1,13 +1,22 @@
-"""A per-class cache of prototype banks keyed on the fingerprint.
+"""A per-class cache of prototype banks keyed on the fingerprint, with a cheap key index in front.
 
 Layout: `root/<safe class name>/<fingerprint hash>/bank.{safetensors,json}`. Asking for classes
 {A, B} after {A} was built with the same fingerprint builds only B; changing the model, the
 feature extractor or a setting changes the hash, so stale banks are never reused (and stay on
 disk until someone deletes them). Class names come from users: they are percent-encoded into
 one directory name, and names with path separators or '..' are refused outright.
+
+The full fingerprint needs the loaded model (it samples the weights in memory). So each class's
+JSON build spec also gets a cheap key computed *without loading the model* (`class_cache_key`:
+the spec, the model files' identity, a support run's content, the code version);
+`root/<class>/keys/<key>.json` records which fingerprint that key built (`BankCache.remember`),
+and `BankCache.recall` finds that bank again with no model load. Caching is on paths, ids and
+fingerprints, never on a pipeline object: it survives restarts and is shared by every process.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,12 +24,16 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .bank import BankError, PrototypeBank, fingerprint_hash, load_bank, merge_banks, save_bank, with_fingerprint
+from ..atomic import atomic_write_bytes
+from .bank import PrototypeBank, merge_banks
+from .bank_files import BankError, load_bank, save_bank, with_fingerprint
+from .fingerprint import canonical_json, fingerprint_hash, maskmill_version
 
 log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 128
 BANK_FILE = "bank.safetensors"
+KEYS_DIR = "keys"
 
 Fingerprint = dict | Callable[[str], dict]  # shared by all classes, or per class (e.g. a stuff flag)
 
@@ -86,6 +99,29 @@ class BankCache:
             raise ValueError(f"build_fn for {class_name!r} returned a bank of classes {bank.classes}")
         return save_bank(bank, self.entry_path(class_name, fingerprint), fingerprint)
 
+    def key_path(self, class_name: str, key: str) -> Path:
+        return self.root / safe_class_dirname(class_name) / KEYS_DIR / f"{key}.json"
+
+    def remember(self, class_name: str, key: str, fingerprint: dict) -> None:
+        """Record that cheap key `key` built the bank with this fingerprint."""
+        entry = {"class": class_name, "key": key, "fingerprint": json.loads(canonical_json(fingerprint)),
+                 "fingerprint_hash": fingerprint_hash(fingerprint)}
+        path = self.key_path(class_name, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(entry, indent=1, sort_keys=True).encode())
+
+    def recall(self, class_name: str, key: str) -> dict | None:
+        """The fingerprint cheap key `key` built, if its bank is still there and loads; else None."""
+        path = self.key_path(class_name, key)
+        if not path.exists():
+            return None
+        try:
+            fingerprint = json.loads(path.read_text())["fingerprint"]
+            return fingerprint if self.load(class_name, fingerprint) is not None else None
+        except (BankError, KeyError, ValueError, OSError) as e:
+            log.warning("cache key %s unusable, checking the full fingerprint: %s", path, e)
+            return None
+
     def get_or_build(self, classes: list[str], fingerprint: Fingerprint,
                      build_fn: Callable[[str], PrototypeBank]) -> CacheResult:
         """Merged bank of `classes`: cached banks with this fingerprint are reused, the others are
@@ -119,3 +155,27 @@ class BankCache:
             banks.append(bank)
         result.bank = merge_banks(banks)
         return result
+
+
+# ----------------------------------------------------------------------------------------------
+# cheap keys: no model load
+
+
+def bank_settings(spec: dict) -> dict:
+    """The part of a build spec that goes into the bank's fingerprint as "settings" (model and
+    features are already in the feature extractor's fingerprint); a support run adds its identity."""
+    settings = {k: v for k, v in spec.items() if k not in ("model", "features")}
+    if spec["support"]["kind"] == "run":
+        from .support import run_identity
+
+        settings["support"] = dict(spec["support"], identity=run_identity(spec["support"]["run_dir"]))
+    return settings
+
+
+def class_cache_key(spec: dict) -> str:
+    """The cheap per-class key: spec + the model files' identity + run identity + code version."""
+    from ..models import model_identity
+
+    payload = {"spec": spec, "model": model_identity(spec["model"]), "settings": bank_settings(spec),
+               "maskmill_version": maskmill_version()}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:24]

@@ -5,15 +5,15 @@ Two ways to get one:
 - `generate_support(pipe, "circle", 32)`: generate N images of the class with attention capture
   and let a mask extractor (SeeDiff by default) mark fg = the class mask and bg = confident
   background (label 0 *and* a low class soft score). This is OVDiff's recipe; it costs one
-  generation per support image.
+  generation per support image. Images are generated, extracted and filtered by the same loop
+  (and rules) as a dataset run's samples (`produce.judged_samples`).
 - `support_from_run(run_dir, "circle", 32)`: the efficient path. A dataset run already holds
   generated images with masks; take the first N samples whose mask contains the class:
   fg = mask == class id, bg = mask == 0 (other classes and 255 are neither). No generation.
 
 Masks are kept at image resolution (lossless, independent of the feature extractor);
 `bank_from_support` downsamples them to the feature grid by area and thresholds them, runs the
-feature extractor and calls `build_class_bank`. `build_fn_for` wraps that as the
-`build_fn(class_name)` that `BankCache.get_or_build` wants.
+feature extractor and calls `build_class_bank` (build.py does this per class, with the cache).
 """
 from __future__ import annotations
 
@@ -22,22 +22,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
-from .bank import PrototypeBank, build_class_bank
+from ..config import ExtractorConfig, FilterConfig
+from ..prompts import Prompt
+from .bank import PrototypeBank, build_class_bank, masks_at
 from .features import FeatureExtractor
 
 log = logging.getLogger(__name__)
-
-# OVDiff's support-set recipe (ANCHORS §2).
-OVDIFF_TEMPLATE = "a good picture of a {class}"
-OVDIFF_STEPS = 30
-OVDIFF_GUIDANCE = 8.0
-BG_SOFT_THRESHOLD = 0.2  # OVDiff: background where the class attention is < 0.2
 
 
 @dataclass
@@ -90,35 +82,45 @@ class SupportSet:
 # generated support sets
 
 
+# OVDiff's support-set recipe: one template, 30 DDIM steps at guidance 8, and background taken
+# where the class's attention score is below 0.2. No quality filter: every generated image is used.
+OVDIFF_TEMPLATE = "a good picture of a {class}"
+OVDIFF_STEPS = 30
+OVDIFF_GUIDANCE = 8.0
+BG_SOFT_THRESHOLD = 0.2
+OVDIFF_FILTER = FilterConfig(min_confidence=0.0, min_area=0.0, max_area=1.0, max_retries_factor=1.0)
+
 SHAPES_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes.yaml"
 
 
-def support_defaults(model: str | None) -> dict:
+@dataclass(frozen=True)
+class SupportDefaults:
+    """How support images are made on a model when the bank config leaves it open."""
+
+    prompts: str
+    steps: int
+    guidance: float
+    extractor: ExtractorConfig
+    filter: FilterConfig
+
+
+def support_defaults(model: str | None) -> SupportDefaults:
     """Prompts, sampler, mask extractor and mask filter for a support set on `model`.
 
-    OVDiff's recipe ("a good picture of a {class}", 30 steps, guidance 8, SeeDiff with its
-    defaults, no filter) everywhere except the embedded micro model, which only knows its own
-    captions ("a red circle"): there everything comes from the shapes-world run config
-    (configs/shapes.yaml: prompt set, steps, guidance, the extractor parameters tuned for the
-    micro model, the confidence/area filter), so a generated support set is made exactly like
-    the samples of a dataset run and `support_from_run` is a drop-in replacement.
+    OVDiff's recipe everywhere except the embedded micro model, which only knows its own captions
+    ("a red circle"): there everything comes from the shapes-world run config (configs/shapes.yaml:
+    prompt set, steps, guidance, the extractor parameters tuned for the micro model, the
+    confidence/area filter and its `max_retries_factor`), so a generated support set is made
+    exactly like the samples of a dataset run and `support_from_run` is a drop-in replacement.
     """
-    if model == "shapes-sd":
-        d = {"prompts": "shapes", "steps": 25, "guidance": 4.0, "extractor": "seediff", "extractor_params": {},
-             "min_confidence": 0.2, "min_area": 0.01, "max_area": 0.9, "max_tries_factor": 2.0}
-        if SHAPES_CONFIG.exists():
-            from ..config import load_config
+    if model == "shapes-sd" and SHAPES_CONFIG.exists():
+        from ..config import load_config
 
-            cfg = load_config(SHAPES_CONFIG, check_files=False)
-            d.update(prompts=cfg.prompts, steps=int(cfg.steps), guidance=float(cfg.guidance),
-                     extractor=cfg.extractor.name, extractor_params=dict(cfg.extractor.params),
-                     min_confidence=float(cfg.filter.min_confidence), min_area=float(cfg.filter.min_area),
-                     max_area=float(cfg.filter.max_area),
-                     max_tries_factor=float(getattr(cfg.filter, "max_retries_factor", 2.0)))
-        return d
-    return {"prompts": OVDIFF_TEMPLATE, "steps": OVDIFF_STEPS, "guidance": OVDIFF_GUIDANCE, "extractor": "seediff",
-            "extractor_params": {}, "min_confidence": 0.0, "min_area": 0.0, "max_area": 1.0,
-            "max_tries_factor": 1.0}
+        cfg = load_config(SHAPES_CONFIG, check_files=False)
+        return SupportDefaults(cfg.prompts, int(cfg.steps), float(cfg.guidance), cfg.extractor.model_copy(),
+                               cfg.filter.model_copy())
+    return SupportDefaults(OVDIFF_TEMPLATE, OVDIFF_STEPS, OVDIFF_GUIDANCE, ExtractorConfig(name="seediff"),
+                           OVDIFF_FILTER.model_copy())
 
 
 def _prompt_source(prompts):
@@ -152,23 +154,20 @@ def support_prompts(class_name: str, n: int, prompts=OVDIFF_TEMPLATE, seed: int 
     return out
 
 
-def _capture_config_for(extractor, pipe, latent):
-    from ..capture import CaptureConfig
+@dataclass(frozen=True)
+class SupportCandidate:
+    """Support image `index` of a class before it is generated (a `produce.Candidate`)."""
 
-    make = getattr(extractor, "capture_config", None)
-    config = make(pipe.unet, latent) if callable(make) else CaptureConfig()
-    extra = getattr(extractor, "feature_modules", None)
-    if callable(extra):
-        config.feature_modules.update(extra(pipe.unet))
-    return config
+    index: int
+    prompt: Prompt
+    seed: int
 
 
 def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, seed: int = 0,
                      steps: int = OVDIFF_STEPS, guidance: float = OVDIFF_GUIDANCE, extractor="seediff",
                      height: int | None = None, width: int | None = None, batch_size: int = 8,
                      bg_soft_threshold: float = BG_SOFT_THRESHOLD, drop_empty: bool = True,
-                     min_confidence: float = 0.0, min_area: float = 0.0, max_area: float = 1.0,
-                     max_tries_factor: float = 1.0) -> SupportSet:
+                     rules: FilterConfig = OVDIFF_FILTER) -> SupportSet:
     """Generate n images of `class_name` and read their fg/bg masks from attention.
 
     prompts: a template with a {class} slot ("a good picture of a {class}"; "[...]" marks the
@@ -176,18 +175,15 @@ def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, see
         (its single-class templates are used).
     extractor: a registered extractor name or an `Extractor` (label 0 background, k = class k).
     fg = label 1; bg = label 0 and the class's soft score < bg_soft_threshold (255 is neither).
-    drop_empty: leave out images whose class mask came out empty (the generator missed the
+    rules: the quality filter a dataset run applies (`filter` of configs/*.yaml), through the same
+        loop (`produce.judged_samples`), so generated and run-read support sets hold comparable
+        masks; up to n * rules.max_retries_factor images are generated to keep n.
+    drop_empty: also leave out images whose class mask came out empty (the generator missed the
         class); their "background" would then contain the missed object.
-    min_confidence, min_area, max_area: also leave out images whose class confidence (from the
-        extractor) or mask area (fraction of the image) is outside these bounds: the same
-        quality filter a dataset run applies (configs/*.yaml `filter`), so generated and
-        run-read support sets hold comparable masks.
-    max_tries_factor: generate up to n * factor images to keep n (1.0: exactly n tries; the
-        set is then smaller when images are dropped).
     """
-    from ..extractors import ClassSpec, get_extractor
-    from ..generate import GenerationSettings, generate_with_attention, latent_hw
-    from ..tokens import phrase_token_indices
+    from ..extractors import get_extractor
+    from ..generate import GenerationSettings
+    from ..produce import judged_samples
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -195,50 +191,35 @@ def generate_support(pipe, class_name: str, n: int, prompts=OVDIFF_TEMPLATE, see
     side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     settings = GenerationSettings(steps=int(steps), guidance=float(guidance), height=int(height or side),
                                   width=int(width or side))
-    capture = _capture_config_for(ex, pipe, latent_hw(pipe, settings.height, settings.width))
-    tries = max(n, int(np.ceil(n * max(1.0, float(max_tries_factor)))))
-    filled = support_prompts(class_name, tries, prompts, seed)
-    seeds = [support_seed(class_name, seed, i) for i in range(tries)]
+    tries = max(n, int(np.ceil(n * rules.max_retries_factor)))
+    candidates = [SupportCandidate(i, p, support_seed(class_name, seed, i))
+                  for i, p in enumerate(support_prompts(class_name, tries, prompts, seed))]
     t0 = time.perf_counter()
     images, fgs, bgs, keys, kept_prompts, kept_seeds = [], [], [], [], [], []
     dropped: dict[str, int] = {}
-    next_index = 0
-    while len(images) < n and next_index < tries:
-        # Never more images per batch than still missing: with no drops exactly n are generated.
-        chunk = range(next_index, min(tries, next_index + min(batch_size, n - len(images))))
-        next_index = chunk.stop
-        texts = [filled[i].text for i in chunk]
-        imgs, attns = generate_with_attention(pipe, texts, [seeds[i] for i in chunk], settings, capture)
-        for i, img, attn in zip(chunk, imgs, attns):
-            phrase = filled[i].classes[0].phrase
-            spec = ClassSpec(class_name, phrase_token_indices(pipe.tokenizer, filled[i].text, phrase))
-            res = ex.extract(attn, [spec], img)
-            fg = res.labels == 1
-            bg = (res.labels == 0) & (res.soft[0] < bg_soft_threshold)
-            area = float(fg.mean())
-            reason = ("empty mask" if drop_empty and not fg.any() else
-                      "low confidence" if float(res.confidence[0]) < min_confidence else
-                      "area" if not (min_area <= area <= max_area) else "")
-            if reason:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                log.info("support %s #%d (%r): %s, dropped", class_name, i, filled[i].text, reason)
-                continue
-            if len(images) == n:
-                break
-            images.append(img)
-            fgs.append(fg)
-            bgs.append(bg)
-            keys.append(f"gen-{_key_safe(class_name)}-{seed}-{i:05d}")
-            kept_prompts.append(filled[i].text)
-            kept_seeds.append(seeds[i])
+    generated = 0
+    for judged in judged_samples(pipe, ex, candidates, n, settings, rules, batch_size, require_mask=drop_empty):
+        generated += 1
+        c = judged.candidate
+        if not judged.accepted:
+            dropped[judged.reason] = dropped.get(judged.reason, 0) + 1
+            log.info("support %s #%d (%r): %s, dropped", class_name, c.index, c.prompt.text, judged.reason)
+            continue
+        labels, soft = judged.result.labels, judged.result.soft[0]
+        images.append(judged.image)
+        fgs.append(labels == 1)
+        bgs.append((labels == 0) & (soft < bg_soft_threshold))
+        keys.append(f"gen-{_key_safe(class_name)}-{seed}-{c.index:05d}")
+        kept_prompts.append(c.prompt.text)
+        kept_seeds.append(c.seed)
     if not images:
-        raise ValueError(f"class {class_name!r}: none of {next_index} generated support images passed the mask "
+        raise ValueError(f"class {class_name!r}: none of {generated} generated support images passed the mask "
                          f"filter (dropped: {dropped})")
     if len(images) < n:
         log.warning("class %r: kept %d of %d support images after %d tries (dropped: %s)", class_name, len(images),
-                    n, next_index, dropped)
+                    n, generated, dropped)
     return SupportSet(class_name, np.stack(images), np.stack(fgs), np.stack(bgs), keys, kept_prompts, kept_seeds,
-                      source="generate", seconds=time.perf_counter() - t0, generated=next_index, dropped=dropped)
+                      source="generate", seconds=time.perf_counter() - t0, generated=generated, dropped=dropped)
 
 
 def _key_safe(name: str) -> str:
@@ -316,22 +297,6 @@ def support_from_run(run_dir: str | Path, class_name: str, n: int, min_pixels: i
 # support set -> bank
 
 
-def masks_at(masks: np.ndarray, hw: tuple[int, int], min_fraction: float) -> torch.Tensor:
-    """bool (N, H, W) -> bool (N, h, w): a feature cell is in the mask when >= min_fraction of its
-    area is. An image whose mask is non-empty but covers no cell that much keeps its best-covered
-    cell(s), so small objects still give prototypes."""
-    m = torch.as_tensor(np.asarray(masks)).float()
-    if m.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W), got {tuple(m.shape)}")
-    frac = F.interpolate(m[:, None], size=hw, mode="area")[:, 0] if tuple(m.shape[-2:]) != tuple(hw) else m
-    out = frac >= min_fraction
-    best = frac.flatten(1).max(1).values
-    fallback = (~out.flatten(1).any(1)) & (best > 0)
-    for i in torch.nonzero(fallback).flatten().tolist():
-        out[i] = frac[i] >= best[i]
-    return out
-
-
 def bank_from_support(support: SupportSet, extractor: FeatureExtractor, k_parts: int = 32, seed: int = 0,
                       stuff: bool = False, fg_min_fraction: float = 0.5, bg_min_fraction: float = 0.5,
                       max_kmeans_points: int = 20000, fingerprint: dict | None = None) -> PrototypeBank:
@@ -344,28 +309,6 @@ def bank_from_support(support: SupportSet, extractor: FeatureExtractor, k_parts:
                             stuff=stuff, max_kmeans_points=max_kmeans_points, fingerprint=fingerprint)
 
 
-def build_fn_for(support_fn: Callable[[str], SupportSet], extractor: FeatureExtractor, *,
-                 stuff_classes=(), on_support: Callable[[SupportSet], None] | None = None,
-                 **bank_kwargs) -> Callable[[str], PrototypeBank]:
-    """The `build_fn(class_name)` for `BankCache.get_or_build`: support set -> features -> bank.
-
-    support_fn: class -> SupportSet (e.g. `lambda c: generate_support(pipe, c, 32)` or
-        `lambda c: support_from_run(run, c, 32)`); on_support sees each set (timings, logging).
-    bank_kwargs: k_parts, seed, fg_min_fraction, bg_min_fraction, max_kmeans_points.
-    """
-    stuff = set(stuff_classes)
-
-    def build(class_name: str) -> PrototypeBank:
-        support = support_fn(class_name)
-        if support.class_name != class_name:
-            raise ValueError(f"support_fn({class_name!r}) returned a support set of {support.class_name!r}")
-        if on_support is not None:
-            on_support(support)
-        return bank_from_support(support, extractor, stuff=class_name in stuff, **bank_kwargs)
-
-    return build
-
-
 __all__ = ["BG_SOFT_THRESHOLD", "OVDIFF_GUIDANCE", "OVDIFF_STEPS", "OVDIFF_TEMPLATE", "SupportSet",
-           "bank_from_support", "build_fn_for", "generate_support", "masks_at", "run_identity",
+           "bank_from_support", "generate_support", "masks_at", "run_identity",
            "support_defaults", "support_from_run", "support_prompts", "support_seed"]

@@ -4,7 +4,7 @@ Scenes hold 1-3 textured shapes (circle, square, triangle, star) on a faint dott
 grey background. Textures vary lightness only, so every object keeps its hue and
 the true mask of a *generated* image can be recovered from its own colours
 (see `recover.py`). Stripes and dots force the model to keep an object coherent,
-which is what makes its self-attention group objects (ANCHORS §4).
+which is what makes its self-attention group objects.
 """
 from __future__ import annotations
 

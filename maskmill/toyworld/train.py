@@ -11,14 +11,16 @@
     python -m maskmill.toyworld.train --out /tmp/grounded --steps 3000 --batch 40 --lr 5e-4 \
         --init-from /tmp/base --vae-from /tmp/base --text-layers 1 --grounding 0.1 --grounding-pixel 0.05 \
         --colour-dropout 0.3 --threads 2 --workers 1 --data-cache /tmp/shapes_train.npz
-    # 4. continued at a lower rate with more colourless captions (2,000 steps, 27 min on 1 thread)
-    python -m maskmill.toyworld.train --out maskmill/assets/shapes-sd --steps 2000 --batch 40 --lr 2e-4 \
-        --init-from /tmp/grounded --vae-from /tmp/grounded --grounding 0.1 --grounding-pixel 0.05 \
-        --colour-dropout 0.6 --threads 1 --workers 1 --data-cache /tmp/shapes_train.npz
+    # 4. continued at a lower rate with more colourless captions (2,000 steps, 27 min on 1 thread):
+    #    configs/train/shapes-sd.yaml holds this stage's options
+    python -m maskmill.toyworld.train --config configs/train/shapes-sd.yaml --out maskmill/assets/shapes-sd
     python -m maskmill.toyworld.train --out /tmp/m --steps 5 --vae-steps 5 --scenes 64   # smoke test
 
-Stage 1 trains the VAE on textured scenes (a VAE that never saw stripes erases them,
-ANCHORS §4). Later stages cache latents, then train UNet + text encoder jointly with
+Every option is a key of `TrainConfig` (train_config.py); `--config FILE` reads them from YAML,
+options given on the command line win, `--set key=value` comes last.
+
+Stage 1 trains the VAE on textured scenes: a VAE that never saw stripes erases them, and the
+UNet can only draw what the VAE keeps. Later stages cache latents, then train UNet + text encoder jointly with
 epsilon prediction and 10 % caption dropout (for classifier-free guidance); the grounding
 losses (`grounding.py`) use the rendered label maps. An npz cache written before label maps
 were stored is re-rendered (same scenes) on first use.
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from . import grounding
 from .build import build_models, build_pipeline, clip_tokenizer
 from .render import is_held_out, join_phrases, render, sample_scene
+from .train_config import TrainConfig, load_train_config
 
 
 CHUNK = 1000
@@ -189,19 +192,23 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 16000, batch: int = 32,
-          lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 1000, vae_batch: int = 32,
-          data_cache: str | None = None, workers: int = 2, text_layers: int | None = None,
-          vae_from: str | None = None, init_from: str | None = None, grounding_weight: float = 0.0,
-          pixel_weight: float = 0.0, colour_dropout: float = 0.0, unet_layers: int | None = None) -> dict:
+def train(cfg: TrainConfig) -> dict:
+    """Train one stage as `cfg` says; returns the summary also written to `out/training_summary.json`."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    if unet_layers is not None:  # refused before rendering or encoding anything
+    cfg.check_sources()  # all refused before rendering or encoding anything
+    # short names for the keys the stage below reads most
+    steps, batch, seed, text_layers = cfg.steps, cfg.batch, cfg.seed, cfg.text_layers
+    init_from, vae_from, unet_layers = cfg.init_from, cfg.vae_from, cfg.unet_transformer_layers
+    grounding_weight, pixel_weight, colour_dropout = cfg.grounding_weight, cfg.pixel_weight, cfg.colour_dropout
+    if unet_layers is not None:
         check_unet_growth(json.loads((Path(init_from) / "unet" / "config.json").read_text())
                           ["transformer_layers_per_block"] if init_from else 1, unet_layers)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # tiny weights/activations as denormals slowed CPU training several-fold
-    out = Path(out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     t0 = time.time()
@@ -211,7 +218,7 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
         history.append(rec)
         print(json.dumps(rec), flush=True)
 
-    data = load_training_set(scenes, seed, workers, Path(data_cache) if data_cache else None)
+    data = load_training_set(cfg.scenes, seed, cfg.workers, Path(cfg.data_cache) if cfg.data_cache else None)
     images = _to_tensor(data["images"])
     images = torch.cat([images, images.flip(-1)])  # all four shapes are mirror-symmetric
     labels = torch.from_numpy(data["labels"]).long()
@@ -239,7 +246,7 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
         vae = AutoencoderKL.from_pretrained(src / "vae" if (src / "vae").is_dir() else src, dtype=torch.float32)
         log({"stage": "vae", "loaded_from": str(src)})
     else:
-        train_vae(vae, images, vae_steps, vae_batch, 1e-3, log)
+        train_vae(vae, images, cfg.vae_steps, cfg.vae_batch, 1e-3, log)
     mean, std = encode_latents(vae, images)
     scaling = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -267,7 +274,7 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
     alphas = noise_sched.alphas_cumprod
     trainable = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = copy.deepcopy(trainable).requires_grad_(False)
-    opt = torch.optim.AdamW(trainable.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / max(steps, 1))))
     g = torch.Generator().manual_seed(seed + 1)
@@ -325,54 +332,45 @@ def train(out: Path, steps: int = 4000, vae_steps: int = 500, scenes: int = 1600
             log({"stage": "unet", "step": step, "loss": mse.item(), "token_loss": token.item(),
                  "pixel_loss": pixel.item(),
                  "lr": sched.get_last_lr()[0]})
-        if checkpoint_every and step and step % checkpoint_every == 0:
+        if cfg.checkpoint_every and step and step % cfg.checkpoint_every == 0:
             save(f"step {step}")
     trainable.eval()
     save("final")
-    summary = {"steps": steps, "vae_steps": 0 if vae_from else vae_steps, "vae_from": vae_from,
+    summary = {"steps": steps, "vae_steps": 0 if vae_from else cfg.vae_steps, "vae_from": vae_from,
                "text_layers": text_encoder.config.num_hidden_layers, "init_from": init_from,
                "grounding_weight": grounding_weight, "pixel_weight": pixel_weight,
                "colour_dropout": colour_dropout, "unet_transformer_layers": unet.config.transformer_layers_per_block,
-               "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
-               "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling}
+               "scenes": cfg.scenes, "batch": batch, "lr": cfg.lr, "seed": seed,
+               "train_seconds": round(time.time() - t0, 1), "scaling_factor": scaling, "config": cfg.model_dump()}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+# command-line option -> TrainConfig key, where the names differ
+FLAG_KEYS = {"grounding": "grounding_weight", "grounding_pixel": "pixel_weight"}
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """The training config from `--config` (optional), the options given (they win) and `--set`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--vae-steps", type=int, default=500)
-    p.add_argument("--scenes", type=int, default=16000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--data-cache", help="npz file: rendered scenes are loaded from it, or saved to it")
-    p.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--text-layers", type=int, help="CLIP text transformer layers (0: embeddings only; "
-                   "default 2, or with --init-from that model's own)")
-    p.add_argument("--vae-from", help="a trained VAE folder (or pipeline folder): skip VAE training")
-    p.add_argument("--init-from", help="a pipeline folder: start the UNet and text encoder from its weights "
-                   "(text layers beyond its own start as identities)")
-    p.add_argument("--grounding", type=float, default=0.0,
-                   help="weight of the cross-attention token grounding loss (grounding.py; 0 = off)")
-    p.add_argument("--grounding-pixel", type=float, default=0.0,
-                   help="weight of the per-pixel grounding loss (grounding.py; 0 = off)")
-    p.add_argument("--colour-dropout", type=float, default=0.0,
-                   help="fraction of captions trained without their colour words (\"a circle and a square\")")
-    p.add_argument("--unet-transformer-layers", type=int,
-                   help="transformer blocks per UNet attention (default 1, or with --init-from that model's own; "
-                   "more than it has: the new ones start as identities)")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    train(a.out, a.steps, a.vae_steps, a.scenes, a.batch, a.lr, a.seed, vae_batch=a.vae_batch,
-          data_cache=a.data_cache, workers=a.workers, text_layers=a.text_layers, vae_from=a.vae_from,
-          init_from=a.init_from, grounding_weight=a.grounding,
-          pixel_weight=a.grounding_pixel, colour_dropout=a.colour_dropout, unet_layers=a.unet_transformer_layers)
+    p.add_argument("--config", help="YAML file of TrainConfig keys (e.g. configs/train/shapes-sd.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    p.add_argument("--out")
+    for flag, kind in (("steps", int), ("vae-steps", int), ("scenes", int), ("batch", int), ("lr", float),
+                       ("seed", int), ("checkpoint-every", int), ("vae-batch", int), ("data-cache", str),
+                       ("workers", int), ("threads", int), ("text-layers", int), ("vae-from", str),
+                       ("init-from", str), ("grounding", float), ("grounding-pixel", float),
+                       ("colour-dropout", float), ("unet-transformer-layers", int)):
+        key = flag.replace("-", "_")
+        p.add_argument(f"--{flag}", type=kind, help=TrainConfig.model_fields[FLAG_KEYS.get(key, key)].description)
+    a = vars(p.parse_args(argv))
+    config, overrides = a.pop("config"), a.pop("set")
+    return load_train_config(config, overrides, {FLAG_KEYS.get(k, k): v for k, v in a.items()})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m maskmill.toyworld.train` / `maskmill toyworld train`: train one stage."""
+    return train(config_from_args(argv))
 
 
 if __name__ == "__main__":
