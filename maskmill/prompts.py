@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      field_validator)
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 MULTI_SLOTS = ("a", "b", "c", "d")
@@ -22,6 +24,26 @@ _BRACKET = re.compile(r"\[([^\[\]]*)\]")
 
 class PromptSetError(ValueError):
     pass
+
+
+class _PromptFile(BaseModel):
+    """The file's shape; the templates' own rules are checked by `validate_template`."""
+    model_config = ConfigDict(extra="forbid")
+    description: str | None = None
+    slots: dict[str, list[StrictStr | StrictInt | StrictFloat | StrictBool]] = Field(default_factory=dict)
+    single: list[StrictStr] = Field(default_factory=list)
+    multi: list[StrictStr] = Field(default_factory=list)
+    distinct: list[StrictStr] = Field(default_factory=list)
+
+    @field_validator("slots", mode="before")
+    @classmethod
+    def _no_slots(cls, v):
+        return {} if v is None else v  # `slots:` with nothing under it
+
+    @field_validator("single", "multi", "distinct", mode="before")
+    @classmethod
+    def _no_templates(cls, v):
+        return [] if v is None else v
 
 
 @dataclass(frozen=True)
@@ -84,23 +106,29 @@ def load_prompt_set(name_or_path: str | Path) -> PromptSet:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.yaml")))
         raise PromptSetError(f"prompt set {str(name_or_path)!r} not found (looked for {path}); known: {known}")
-    data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"description", "slots", "single", "multi", "distinct"}
-    if unknown:
-        raise PromptSetError(f"{path}: unknown keys {sorted(unknown)}")
-    slots = {k: [str(v) for v in vs] for k, vs in (data.get("slots") or {}).items()}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PromptSetError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    try:
+        spec = _PromptFile.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise PromptSetError(f"{path}: key '{key}': {msg}") from None
+    slots = {k: [str(v) for v in vs] for k, vs in spec.slots.items()}
     for k, vs in slots.items():
         if not vs:
             raise PromptSetError(f"{path}: slot {k!r} has no values")
-    single = list(data.get("single") or [])
-    multi = list(data.get("multi") or [])
+    single, multi = spec.single, spec.multi
     if not single:
         raise PromptSetError(f"{path}: no single-class templates under 'single'")
     for t in single:
         validate_template(t, slots, multi=False, where=str(path))
     for t in multi:
         validate_template(t, slots, multi=True, where=str(path))
-    distinct = tuple(data.get("distinct") or ())
+    distinct = tuple(spec.distinct)
     for d in distinct:
         if d not in slots:
             raise PromptSetError(f"{path}: 'distinct' names slot {d!r} that has no values")

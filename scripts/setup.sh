@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  # One pip call: installing torch separately let pip swap in a multi-GB CUDA build (ANCHORS §1).
+  # One pip call: installing torch separately let pip swap in a multi-GB CUDA build.
   pip install --quiet "${MASKMILL_TORCH:-torch==2.13.0}" -e ".[dev]"
   # clip-anytorch declares torchvision, which breaks beside this torch: install it without deps.
   pip install --quiet --no-deps "clip-anytorch==2.6.0"
