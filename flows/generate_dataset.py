@@ -66,12 +66,18 @@ def _percent(done: int, total: int) -> float:
       # Scale out with processes (accelerate ranks, Prefect workers), not threads.
       task_runner=ThreadPoolTaskRunner(max_workers=1))
 def generate_dataset(config_path: str, overrides: list[str] | None = None,
-                     shard_ids: list[int] | None = None) -> dict[str, Any]:
+                     shard_ids: list[int] | None = None, fan_out: str | None = None,
+                     slice_shards: int = 2) -> dict[str, Any]:
     """Generate the dataset a config describes, as WebDataset shards; returns a summary dict.
 
     The summary holds `shards_dir`, `contact_sheet` (None until the run is complete),
     `accepted`, `rejected`, `shards` (complete shards), `num_shards`, `planned`, `shortfall`,
     `written` / `busy` (shard ids of this flow run), `complete`, `valid`, `fingerprint`.
+
+    `fan_out` names a `produce-shards` deployment on a work pool (e.g. "produce-shards/maskmill"):
+    the pending shards then go out in slices of `slice_shards` as child flow runs that the pool's
+    workers take (flows/fanout.py), and `slices` in the summary says which worker ran which.
+    Without it, this flow's own process writes every shard.
     """
     log = get_run_logger()
     overrides = list(overrides or [])
@@ -87,26 +93,42 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
         progress=_percent(done, considered), key=artifact_key(run_dir, "progress"),
         description=f"Shards of {run_dir} complete ({considered} considered)")
 
-    tags = task_tags()  # MASKMILL_TASK_TAGS=gpu: for a tag-based task concurrency limit
-    produce = produce_shard_task.with_options(tags=tags) if tags else produce_shard_task
     # Shard tasks read the run's frozen, resolved config.yaml (written by plan_run), not the
     # source file: editing configs/... while this run goes on cannot change it halfway.
     frozen = str(resolved_config_path(cfg))
-    futures = produce.map(frozen, unmapped([]), pending)
-    shard_of = {id(f): sid for f, sid in zip(futures, pending)}
     outcomes: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}
-    for fut in as_completed(futures):
-        sid = shard_of[id(fut)]
-        try:
-            outcomes[sid] = fut.result()
-        except Exception as e:  # after its retries; the other shards still finish
-            failed[sid] = f"{type(e).__name__}: {e}"
-            log.error("shard %d failed: %s", sid, failed[sid])
-            continue
-        if outcomes[sid]["status"] in ("written", "complete"):
-            done += 1
-        update_progress_artifact(progress_id, progress=_percent(done, considered))
+    slices: list[dict[str, Any]] = []
+    if fan_out and pending:
+        from flows.fanout import run_slices, split_slices
+
+        def slice_done(run) -> None:
+            nonlocal done
+            done += len(run.shard_ids)
+            outcomes.update({sid: {"status": "written"} for sid in run.shard_ids})
+            update_progress_artifact(progress_id, progress=_percent(done, considered))
+
+        report = run_slices(fan_out, frozen, split_slices(pending, slice_shards), on_done=slice_done,
+                            log=log.info)
+        slices = report.rows()
+        for index, why in report.failed.items():
+            failed.update({sid: why for sid in split_slices(pending, slice_shards)[index]})
+    else:
+        tags = task_tags()  # MASKMILL_TASK_TAGS=gpu: for a tag-based task concurrency limit
+        produce = produce_shard_task.with_options(tags=tags) if tags else produce_shard_task
+        futures = produce.map(frozen, unmapped([]), pending)
+        shard_of = {id(f): sid for f, sid in zip(futures, pending)}
+        for fut in as_completed(futures):
+            sid = shard_of[id(fut)]
+            try:
+                outcomes[sid] = fut.result()
+            except Exception as e:  # after its retries; the other shards still finish
+                failed[sid] = f"{type(e).__name__}: {e}"
+                log.error("shard %d failed: %s", sid, failed[sid])
+                continue
+            if outcomes[sid]["status"] in ("written", "complete"):
+                done += 1
+            update_progress_artifact(progress_id, progress=_percent(done, considered))
 
     summary = summarize_run(run_dir)
     this_run = {sid: o["status"] for sid, o in outcomes.items()}
@@ -136,6 +158,7 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
         "fingerprint": summary["fingerprint"],
         "written": sorted(s for s, st in this_run.items() if st == "written"),
         "busy": sorted(s for s, st in this_run.items() if st == "busy"),
+        "slices": slices,
     }
     create_markdown_artifact(
         key=artifact_key(run_dir, "summary"),

@@ -38,6 +38,12 @@ def _cmd_generate(a) -> int:
     if not a.direct and (a.ready or a.no_finalize or a.no_progress):
         print("error: --ready, --no-progress and --no-finalize apply to --direct runs only", file=sys.stderr)
         return 2
+    if a.fan_out and a.direct:
+        print("error: --fan-out sends shards to Prefect workers; it cannot be combined with --direct", file=sys.stderr)
+        return 2
+    if a.slice_shards < 1:
+        print(f"error: --slice-shards must be >= 1, got {a.slice_shards}", file=sys.stderr)
+        return 2
     try:
         shard_ids = _shard_ids(a.shards)
         cfg = load_config(a.config, a.set)  # refuse a bad config before Prefect starts
@@ -55,7 +61,7 @@ def _cmd_generate(a) -> int:
     ready = (lambda: print("READY", flush=True)) if a.ready else None
     try:
         summary = generate(cfg, a.config, a.set, direct=a.direct, shard_ids=shard_ids, progress=not a.no_progress,
-                           finalize=not a.no_finalize, on_ready=ready)
+                           finalize=not a.no_finalize, on_ready=ready, fan_out=a.fan_out, slice_shards=a.slice_shards)
     except ConfigError as e:  # e.g. another config's run started in this folder meanwhile
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="--direct: no progress bar")
     g.add_argument("--no-finalize", action="store_true", help="--direct: skip validation and the contact sheet")
     g.add_argument("--json", action="store_true", help="print the summary as one JSON line, nothing else")
+    g.add_argument("--fan-out", metavar="DEPLOYMENT",
+                   help="send the pending shards, in slices, to this produce-shards deployment's work pool "
+                        "(e.g. produce-shards/maskmill; needs PREFECT_API_URL)")
+    g.add_argument("--slice-shards", type=int, default=2, help="--fan-out: shards per slice (default 2)")
     g.set_defaults(fn=_cmd_generate)
 
     v = sub.add_parser("preview", help="contact sheet of a run's samples with mask overlays")

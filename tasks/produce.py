@@ -50,13 +50,14 @@ def generation_gate():
 
 @task(name="produce-shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="shard-{shard_id}")
-def produce_shard_task(config_path: str, overrides: list[str] | None, shard_id: int) -> dict[str, Any]:
+def produce_shard_task(config_path: str, overrides: list[str] | None, shard_id: int, claim: bool = True) -> dict[str, Any]:
     """Generate, extract, filter and write shard `shard_id` of the run described by the config.
 
     Claims the shard's lock first: returns {"status": "busy"} if another live worker holds it,
     {"status": "complete"} if it is already done, else writes it and returns its stats row
     ({"status": "written", "accepted", "rejected", ...}). A failed attempt leaves no files of the
     shard; a retry (or a later rerun) redoes it from scratch, with the same samples.
+    `claim=False` skips the lock file (fan-out slices: Prefect assigns each shard, see flows/fanout.py).
     """
     from tqdm.auto import tqdm
 
@@ -69,7 +70,7 @@ def produce_shard_task(config_path: str, overrides: list[str] | None, shard_id: 
     with worker.lock, tqdm(total=RunPlan(cfg).quota(shard_id), desc=f"shard {shard_id}", unit="sample",
                            leave=False, disable=None) as bar:
         outcome = produce_claimed(cfg, layout, shard_id, worker.pipe, progress=bar.update,
-                                  generation_gate=generation_gate())
+                                  generation_gate=generation_gate(), claim=claim)
     with contextlib.suppress(Exception):  # no run context when called as a plain function (.fn)
         get_run_logger().info("shard %s: %s", shard_id, outcome)
     return outcome

@@ -14,8 +14,13 @@ from .writers_log import log_event
 
 def produce_claimed(cfg: RunConfig, layout: RunLayout, shard_id: int, pipe, extractor=None,
                     progress: Callable[[int], None] | None = None,
-                    generation_gate: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, Any]:
+                    generation_gate: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    claim: bool = True) -> dict[str, Any]:
     """Write shard `shard_id` if it is incomplete and this worker can claim it.
+
+    `claim=False` writes without the lock file: for a caller that Prefect (or another scheduler)
+    has already given the shard exclusively, such as a fan-out slice started again after its
+    first run crashed on a host whose locks nobody can break.
 
     Returns {"shard_id", "status"} with status "written" (plus the shard's stats), "complete"
     (done before), or "busy" (another live worker holds its lock). Partial files of the shard
@@ -24,7 +29,7 @@ def produce_claimed(cfg: RunConfig, layout: RunLayout, shard_id: int, pipe, extr
     if layout.is_complete(shard_id):
         return {"shard_id": shard_id, "status": "complete"}
     lock = ShardLock(layout, shard_id)
-    if not lock.try_acquire():
+    if claim and not lock.try_acquire():
         return {"shard_id": shard_id, "status": "busy", "owner": lock.owner()}
     try:
         if layout.is_complete(shard_id):  # finished by another worker since we looked
@@ -40,7 +45,8 @@ def produce_claimed(cfg: RunConfig, layout: RunLayout, shard_id: int, pipe, extr
         log_event(layout.root, shard_id, "written", accepted=stats.accepted, rejected=stats.rejected)
         return {"status": "written", **shard_row(stats)}
     finally:
-        lock.release()
+        if claim:
+            lock.release()
 
 
 def shard_row(stats: ShardStats) -> dict[str, Any]:

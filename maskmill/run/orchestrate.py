@@ -30,11 +30,13 @@ def _flow_on_shards(config_path: str, overrides: list[str]) -> Callable[[list[in
 
 def generate(cfg: RunConfig, config_path: str | os.PathLike, overrides: Iterable[str] = (), direct: bool = False,
              shard_ids: Iterable[int] | None = None, progress: bool = True, finalize: bool = True,
-             on_ready: Callable[[], None] | None = None) -> dict[str, Any] | None:
+             on_ready: Callable[[], None] | None = None, fan_out: str | None = None,
+             slice_shards: int = 2) -> dict[str, Any] | None:
     """Run the config's dataset job; returns the run summary (None on a non-main rank).
 
     `direct` runs without Prefect. `progress`, `finalize` and `on_ready` apply to the direct
-    runner only (see `run_direct`); `shard_ids` restricts the run to some shards.
+    runner only (see `run_direct`); `shard_ids` restricts the run to some shards. `fan_out` names a
+    produce-shards deployment whose work pool's workers write the shards (see flows/fanout.py).
     """
     overrides = list(overrides)
     if world_size() > 1:
@@ -49,7 +51,8 @@ def generate(cfg: RunConfig, config_path: str | os.PathLike, overrides: Iterable
     from flows.generate_dataset import generate_dataset
 
     ids = None if shard_ids is None else [int(s) for s in shard_ids]
-    return generate_dataset(config_path=str(config_path), overrides=overrides, shard_ids=ids)
+    return generate_dataset(config_path=str(config_path), overrides=overrides, shard_ids=ids, fan_out=fan_out,
+                            slice_shards=slice_shards)
 
 
 def serve(config_path: str, cron: str, name: str, overrides: Iterable[str] = ()) -> None:
