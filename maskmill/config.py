@@ -155,9 +155,10 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> RunConfig:
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; ConfigError if it is missing, invalid or not a mapping."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -165,6 +166,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_file
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> RunConfig:
+    data = read_yaml_mapping(path)
     for o in overrides or []:
         apply_override(data, o)
     return parse_config(data, str(path), check_files)

@@ -14,26 +14,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from .config import ConfigError, _format_errors, apply_override
+from .config import ConfigError, _format_errors, apply_override, read_yaml_mapping
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; ConfigError if it is missing, invalid or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys")
-    return data
 
 
 def load_job_config(model: type[M], path: str | Path | None = None, overrides: Iterable[str] = (),
