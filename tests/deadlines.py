@@ -52,3 +52,14 @@ def tail(path, chars: int = 3000) -> str:
         return path.read_text(errors="replace")[-chars:]
     except FileNotFoundError:
         return "(no stderr file)"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """Poll `predicate` until it returns something truthy (returned); TimeoutError naming `what` after `timeout` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout} s")

@@ -26,6 +26,7 @@ from maskmill.config import load_config  # noqa: E402
 from maskmill.run.folder import RunConflictError  # noqa: E402
 from maskmill.run.pipelines import clear_pipeline_cache  # noqa: E402
 from maskmill.shards import RunLayout, validate_run  # noqa: E402
+from deadlines import wait_for  # noqa: E402
 from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config  # noqa: E402
 
 
@@ -178,15 +179,6 @@ def test_gpu_limit_wraps_generation_only(prefect_api, tiny_model, tmp_path, monk
     assert [t.name for t in tagged] == ["shard-0"]  # the produce task only
 
 
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"gave up waiting for {what} after {timeout} s")
-
 
 def _stop(proc: subprocess.Popen, grace: float = 20) -> bool:
     """SIGINT the process group (serve shuts down cleanly on Ctrl-C), SIGKILL after `grace`. True if clean."""
@@ -222,7 +214,7 @@ def test_served_deployment_runs_when_triggered(prefect_api, tiny_model, tmp_path
                 except Exception:
                     return None
 
-        dep = _wait_for(deployment, 120, "the served deployment")
+        dep = wait_for(deployment, 120, "the served deployment")
         assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
         assert dep.parameters["config_path"] == str(cfg_path.resolve())
 
@@ -233,7 +225,7 @@ def test_served_deployment_runs_when_triggered(prefect_api, tiny_model, tmp_path
                 state = client.read_flow_run(run.id).state
             return state if state is not None and state.is_final() else None
 
-        state = _wait_for(finished, 240, "the triggered flow run", interval=1)
+        state = wait_for(finished, 240, "the triggered flow run", interval=1)
         assert state.is_completed(), f"{state}: {(tmp_path / 'serve.log').read_text()[-3000:]}"
     finally:
         clean = _stop(server)

@@ -8,18 +8,10 @@ import time
 
 import pytest
 
+from deadlines import wait_for
 from servers import prefect_env, prefect_server, stop_process
 from test_runner import REPO, save_tiny_pipeline, write_config
 
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"gave up waiting for {what} after {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def test_every_minute_cron_produces_a_completed_scheduled_run(fast_scheduler_ser
                 return done[0] if done else None
 
             # Generous for a loaded CI machine: start-up, the wait for the next minute, then the run itself.
-            run = _wait_for(completed_scheduled_run, 240, "a completed scheduled run")
+            run = wait_for(completed_scheduled_run, 240, "a completed scheduled run")
     finally:
         stop_process(serve)
         log.close()
