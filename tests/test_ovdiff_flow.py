@@ -56,7 +56,7 @@ def harness():
     """One Prefect test server for the module's flow runs (starting one takes ~6 s)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=90):  # as tests/test_flows.py: slow on a busy machine
         yield
 
 
