@@ -107,7 +107,7 @@ class RunConfig(_Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format_errors(e: ValidationError, source: str) -> str:
+def format_errors(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -136,7 +136,7 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source)) from None
     if check_files:
         try:
             load_prompt_set(cfg.prompts)

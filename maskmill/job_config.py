@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .config import ConfigError, _format_errors, apply_override, read_yaml_mapping
+from .config import ConfigError, apply_override, format_errors, read_yaml_mapping
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,4 +31,4 @@ def load_job_config(model: type[M], path: str | Path | None = None, overrides: I
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path) if path is not None else "options")) from None
+        raise ConfigError(format_errors(e, str(path) if path is not None else "options")) from None
