@@ -38,12 +38,12 @@ def _cmd_eval_clip(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from ..models import load_pipeline
-    from .clip_eval import evaluate_clip, format_clip_report
+    from .clip_eval import DEFAULT_MARGINS, evaluate_clip, format_clip_report
 
     pipe = load_pipeline(a.model)
     pipe.set_progress_bar_config(disable=True)
     check = ClipCheck(ClipCheckConfig(model=str(a.clip)), model)
-    report = evaluate_clip(pipe, check, a.n, a.split, a.margins)
+    report = evaluate_clip(pipe, check, a.n, a.split, a.margins or DEFAULT_MARGINS)
     print(format_clip_report(report))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
@@ -77,8 +77,8 @@ def add_clip_commands(toyworld_sub) -> None:
     e.add_argument("--n", type=int, default=128, help="generated images (half single objects)")
     e.add_argument("--split", choices=["eval", "tune"], default="eval",
                    help="eval: held-out captions (reported figures); tune: trained captions, other seeds (choose min_margin)")
-    e.add_argument("--margins", type=_parse_margins, default=(-0.2, -0.1, -0.05, 0.0, 0.02, 0.05, 0.1, 0.15, 0.2),
-                   help="comma-separated min_margin values to report")
+    e.add_argument("--margins", type=_parse_margins, default=None,
+                   help="comma-separated min_margin values to report (default: a grid from -0.2 to 0.3)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")
     e.add_argument("--json", type=Path)
     e.set_defaults(fn=_cmd_eval_clip)

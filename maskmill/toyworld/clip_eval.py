@@ -28,7 +28,8 @@ from .clip_data import BACKGROUND, background_mask, render_pool
 from .recover import MIN_REGION_PIXELS, classify_shape, recover_masks
 from .render import COLOURS, SHAPES
 
-DEFAULT_MARGINS = (-0.2, -0.1, -0.05, 0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
+DEFAULT_MARGINS = tuple(round(-0.2 + 0.025 * i, 3) for i in range(21))  # -0.2 .. 0.3
+TARGET_PRECISION, TARGET_RECALL = 0.8, 0.8
 
 
 def _zero_shot(model, crops: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -129,6 +130,15 @@ def catch_rates(margins: list[list[float | None]], wrong: list[list[bool]], min_
             "rejected_share": rejected / max(1, len(margins))}
 
 
+def best_margin(sweep: list[dict]) -> dict:
+    """The sweep row to choose (on the tune split): the highest recall at precision >= 0.8, fewest
+    samples rejected among equals; if no row reaches that precision, the best F1."""
+    ok = [s for s in sweep if s["precision"] >= TARGET_PRECISION and s["flagged"]]
+    if ok:
+        return max(ok, key=lambda s: (s["recall"], -s["rejected_share"]))
+    return max(sweep, key=lambda s: 2 * s["precision"] * s["recall"] / max(1e-9, s["precision"] + s["recall"]))
+
+
 def evaluate_clip(pipe, check: ClipCheck, n: int, split: str, margins: tuple[float, ...] = DEFAULT_MARGINS) -> dict:
     """Every figure of `maskmill toyworld eval-clip` as a dict."""
     data = generated_samples(pipe, n, split)
@@ -143,6 +153,8 @@ def evaluate_clip(pipe, check: ClipCheck, n: int, split: str, margins: tuple[flo
         "check_seconds_per_sample": check_seconds / n,
         "generate_seconds_per_sample": data["generate_seconds"] / n,
         "extractor_params": data["extractor_params"],
+        # per sample: (margin or None, wrongly drawn) of each object, to re-threshold without generating again
+        "objects_detail": [list(zip(m, w)) for m, w in zip(scores, data["wrong"])],
     }
 
 
@@ -161,6 +173,9 @@ def format_clip_report(r: dict) -> str:
     for s in r["sweep"]:
         lines.append(f"{s['min_margin']:10.3f} {s['precision']:9.3f} {s['recall']:7.3f} {s['flagged']:7d} "
                      f"{s['rejected_share']:8.3f}")
+    b = best_margin(r["sweep"])
+    lines.append(f"best on this split: min_margin {b['min_margin']:.3f} (precision {b['precision']:.3f}, "
+                 f"recall {b['recall']:.3f}, rejects {b['rejected_share']:.3f} of samples); choose on --split tune")
     lines.append(f"check {r['check_seconds_per_sample'] * 1000:.1f} ms/sample, generation "
                  f"{r['generate_seconds_per_sample'] * 1000:.1f} ms/sample (with capture)")
     return "\n".join(lines)
