@@ -232,3 +232,13 @@ def test_catch_rates_and_the_chosen_margin():
     assert (at4["precision"], at4["recall"], at4["rejected_share"]) == (0.75, 1.0, 1.0)
     sweep = [catch_rates(margins, wrong, t) for t in (-0.5, 0.0, 0.1, 0.4)]
     assert best_margin(sweep)["min_margin"] == 0.1  # full recall at precision 1, before precision drops
+
+
+def test_train_continues_from_given_weights(tmp_path):
+    from maskmill.toyworld.clip_train import ClipTrainSettings, train
+
+    _save_tiny(tmp_path / "start")
+    settings = ClipTrainSettings(steps=1, batch=4, warmup=1, pool_scenes=2, eval_scenes=1, init=str(tmp_path / "start"))
+    summary = train(settings, tmp_path / "next")
+    assert summary["architecture"] == TINY  # taken from the weights, not the default micro architecture
+    assert summary["settings"]["init"] == str(tmp_path / "start")

@@ -42,6 +42,7 @@ class ClipTrainSettings:
     threads: int = 1
     eval_scenes: int = 400  # rendered scenes for the accuracy in the model card
     architecture: dict = field(default_factory=lambda: dict(ARCHITECTURE))
+    init: str | None = None  # continue from these weights (their architecture wins)
 
     def check(self) -> None:
         for name in ("steps", "batch", "warmup", "pool_scenes", "threads"):
@@ -80,7 +81,7 @@ def train(settings: ClipTrainSettings, out: Path) -> dict:
     rng = np.random.default_rng(settings.seed)
     t0 = time.time()
     pool = render_pool(settings.pool_scenes, seed=settings.seed)
-    model = new_clip(settings.architecture).train()
+    model = _initial_model(settings)
     scorer = ClipModel(model, out / WEIGHTS_FILE)  # its tokenizer and normalisation, while training
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -127,6 +128,20 @@ def train(settings: ClipTrainSettings, out: Path) -> dict:
     return summary
 
 
+def _initial_model(settings: ClipTrainSettings) -> torch.nn.Module:
+    """A fresh CLIP, or one continued from `settings.init` (read weight-only, as any checkpoint)."""
+    if settings.init is None:
+        return new_clip(settings.architecture).train()
+    from ..clip_model import architecture_of, resolve_clip
+    from ..prototypes.features import load_clip_state_dict
+
+    state = load_clip_state_dict(resolve_clip(settings.init))
+    settings.architecture = architecture_of(state)
+    model = new_clip(settings.architecture)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.train()
+
+
 def _export_state(model: torch.nn.Module, used_tokens: set[int]) -> dict[str, torch.Tensor]:
     """fp16 state dict; token rows never seen in training are zeroed (untrained noise, and zeros compress)."""
     state = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in model.state_dict().items()}
@@ -138,7 +153,8 @@ def _export_state(model: torch.nn.Module, used_tokens: set[int]) -> dict[str, to
 
 def run_args(a: argparse.Namespace) -> int:
     settings = ClipTrainSettings(steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed,
-                                 pool_scenes=a.pool_scenes, threads=a.threads)
+                                 pool_scenes=a.pool_scenes, threads=a.threads,
+                                 init=str(a.init) if a.init else None)
     try:
         settings.check()  # before rendering or training anything
     except ValueError as e:
