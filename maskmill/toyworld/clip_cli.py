@@ -43,7 +43,7 @@ def _cmd_eval_clip(a) -> int:
     pipe = load_pipeline(a.model)
     pipe.set_progress_bar_config(disable=True)
     check = ClipCheck(ClipCheckConfig(model=str(a.clip)), model)
-    report = evaluate_clip(pipe, check, a.n, a.split, a.margins or DEFAULT_MARGINS)
+    report = evaluate_clip(pipe, check, a.n, a.split, a.margins or DEFAULT_MARGINS, a.cache)
     print(format_clip_report(report))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
@@ -81,5 +81,6 @@ def add_clip_commands(toyworld_sub) -> None:
     e.add_argument("--margins", type=_parse_margins, default=None,
                    help="comma-separated min_margin values to report (default: a grid from -0.2 to 0.3)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")
+    e.add_argument("--cache", type=Path, help="folder keeping the generated images and masks for reuse")
     e.add_argument("--json", type=Path)
     e.set_defaults(fn=_cmd_eval_clip)

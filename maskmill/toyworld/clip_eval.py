@@ -20,6 +20,7 @@ min_margin; pick min_margin on `--split tune`, report on `--split eval`.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -67,30 +68,62 @@ def rendered_accuracy(model, n_scenes: int = 400, seed: int = 12345) -> dict:
     }
 
 
-def generated_samples(pipe, n: int, split: str, batch: int = 16) -> dict:
-    """Generate the split's captions with the shapes config's SeeDiff capture; masks, truth and timing."""
-    from ..extractors import get_extractor
-    from ..generate import latent_hw
+def generated_samples(pipe, n: int, split: str, batch: int = 16, cache: Path | None = None) -> dict:
+    """Generate the split's captions with the shapes config's SeeDiff capture: images, masks, truth, timing.
+
+    With `cache` (a folder), the images, masks and seconds are kept in an npz and reused when the
+    split, n and SeeDiff parameters are the same: the CLIP can change without generating again.
+    """
     from .bench_masks import shapes_config_params
-    from .evaluate import SETTINGS, class_specs, eval_items, generate_items
+    from .evaluate import eval_items
 
     items = eval_items(n, split)
     params = shapes_config_params().get("seediff", {})
-    extractor = get_extractor("seediff", **params)
-    capture = extractor.capture_config(pipe.unet, latent_hw(pipe, SETTINGS.height, SETTINGS.width))
-    t0 = time.perf_counter()
-    images, attns = generate_items(pipe, items, capture, batch)
-    generate_seconds = time.perf_counter() - t0
-    masks, truth, drawn = [], [], []
-    for image, item, attn in zip(images, items, attns):
-        masks.append(extractor.extract(attn, class_specs(pipe.tokenizer, item), image).labels)
+    path = None if cache is None else Path(cache) / f"generated-{split}-{n}-{_params_key(params)}.npz"
+    if path is not None and path.exists():
+        saved = np.load(path)
+        images, masks, seconds = list(saved["images"]), list(saved["masks"]), float(saved["generate_seconds"])
+    else:
+        images, masks, seconds = _generate_with_masks(pipe, items, params, batch)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, images=np.stack(images), masks=np.stack(masks), generate_seconds=seconds)
+    truth, drawn = [], []
+    for image, item in zip(images, items):
         recovered, _ = recover_masks(image, list(item.colours))
         regions = [recovered == k + 1 for k in range(len(item.shapes))]
         shapes = [classify_shape(m)[0] for m in regions]
         drawn.append(list(zip(regions, shapes)))
         truth.append([s != want for s, want in zip(shapes, item.shapes)])
     return {"items": items, "images": images, "masks": masks, "wrong": truth, "drawn": drawn,
-            "generate_seconds": generate_seconds, "extractor_params": params}
+            "generate_seconds": seconds, "extractor_params": params}
+
+
+def _params_key(params: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _generate_with_masks(pipe, items, params: dict, batch: int) -> tuple[list, list, float]:
+    """Images and SeeDiff label maps, a batch at a time (attention is dropped after each batch)."""
+    from ..extractors import get_extractor
+    from ..generate import latent_hw
+    from .evaluate import SETTINGS, class_specs, generate_items
+
+    extractor = get_extractor("seediff", **params)
+    capture = extractor.capture_config(pipe.unet, latent_hw(pipe, SETTINGS.height, SETTINGS.width))
+    images, masks, seconds = [], [], 0.0
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
+        t0 = time.perf_counter()
+        ims, attns = generate_items(pipe, chunk, capture, batch)
+        seconds += time.perf_counter() - t0
+        images += ims
+        masks += [extractor.extract(at, class_specs(pipe.tokenizer, it), im).labels
+                  for im, at, it in zip(ims, attns, chunk)]
+    return images, masks, seconds
 
 
 def generated_accuracy(model, data: dict) -> dict:
@@ -139,9 +172,10 @@ def best_margin(sweep: list[dict]) -> dict:
     return max(sweep, key=lambda s: 2 * s["precision"] * s["recall"] / max(1e-9, s["precision"] + s["recall"]))
 
 
-def evaluate_clip(pipe, check: ClipCheck, n: int, split: str, margins: tuple[float, ...] = DEFAULT_MARGINS) -> dict:
+def evaluate_clip(pipe, check: ClipCheck, n: int, split: str, margins: tuple[float, ...] = DEFAULT_MARGINS,
+                  cache: Path | None = None) -> dict:
     """Every figure of `maskmill toyworld eval-clip` as a dict."""
-    data = generated_samples(pipe, n, split)
+    data = generated_samples(pipe, n, split, cache=cache)
     scores, check_seconds = check_scores(check, data)
     objects = sum(len(w) for w in data["wrong"])
     return {
@@ -151,7 +185,7 @@ def evaluate_clip(pipe, check: ClipCheck, n: int, split: str, margins: tuple[flo
         "generated": generated_accuracy(check.model, data),
         "sweep": [catch_rates(scores, data["wrong"], m) for m in margins],
         "check_seconds_per_sample": check_seconds / n,
-        "generate_seconds_per_sample": data["generate_seconds"] / n,
+        "generate_seconds_per_sample": data["generate_seconds"] / n,  # wall seconds: generation + capture
         "extractor_params": data["extractor_params"],
         # per sample: (margin or None, wrongly drawn) of each object, to re-threshold without generating again
         "objects_detail": [list(zip(m, w)) for m, w in zip(scores, data["wrong"])],
