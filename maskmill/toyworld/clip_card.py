@@ -44,7 +44,7 @@ names, architecture inferred by `build_model` from the tensor shapes).
   (not on embeddings, gains and biases), gradient norm clipped to 1.
 - **Steps**: {s['steps']:,}; **time**: {summary['train_seconds'] / 60:.1f} minutes on {s['threads']} CPU thread(s) of a
   shared 2-core machine; final loss {summary['final_loss']}.
-- **Command**: `maskmill toyworld train-clip --out maskmill/assets/shapes-clip --steps {s['steps']} --batch {s['batch']} --lr {s['lr']} --warmup {s['warmup']} --seed {s['seed']} --pool-scenes {s['pool_scenes']} --threads {s['threads']}{' --init ' + str(s['init']) if s.get('init') else ''}`
+- **Command**: `maskmill toyworld train-clip --out maskmill/assets/shapes-clip --steps {s['steps']} --batch {s['batch']} --lr {s['lr']} --warmup {s['warmup']} --seed {s['seed']} --pool-scenes {s['pool_scenes']} --threads {s['threads']}{' --distort' if s.get('distort') else ''}{' --init ' + str(s['init']) if s.get('init') else ''}`
 
 ## Zero-shot accuracy on rendered regions (measured at the end of training)
 

@@ -64,6 +64,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--pool-scenes", type=int, default=d["pool_scenes"], help="rendered scenes to draw items from")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads (the machine is shared)")
+    p.add_argument("--distort", action="store_true", help="warp half the scenes and roughen mask outlines")
     p.add_argument("--init", type=Path, help="continue from these CLIP weights (file or folder) instead of scratch")
 
 

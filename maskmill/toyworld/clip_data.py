@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
+from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter, map_coordinates
 
 from ..clipcheck import region_crop
 from .render import COLOURS, IMAGE_SIZE, SHAPES, Scene, canonical_key, caption_for, is_held_out, render, \
@@ -57,6 +57,19 @@ def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(x, 0, 255).round().astype(np.uint8)
 
 
+def warp(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, amplitude: float = 1.2,
+         smooth: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random displacement of image and labels together: lumpy outlines, as generated shapes have."""
+    n = labels.shape[0]
+    dy, dx = (gaussian_filter(rng.normal(0, 1, (n, n)), smooth) for _ in range(2))
+    scale = amplitude / max(1e-6, float(np.abs(np.stack([dy, dx])).max()))
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
+    coords = np.stack([y + dy * scale, x + dx * scale])
+    warped = np.stack([map_coordinates(image[..., c].astype(np.float32), coords, order=1, mode="nearest")
+                       for c in range(3)], -1)
+    return warped.round().astype(np.uint8), map_coordinates(labels, coords, order=0, mode="nearest")
+
+
 def perturb_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A plausible attention mask of a true object mask (never empty)."""
     out = mask
@@ -71,12 +84,14 @@ def perturb_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = binary_dilation(mask, iterations=1)
     elif u < 0.75:
         out = binary_erosion(mask, iterations=1)
+    elif u < 0.9:  # a rough outline
+        out = gaussian_filter(mask.astype(np.float32) + rng.normal(0, 0.3, mask.shape), 0.7) > 0.5
     return out if out.sum() >= 4 else mask
 
 
-def background_mask(item: RenderedScene, rng: np.random.Generator, tries: int = 20) -> np.ndarray | None:
+def background_mask(labels: np.ndarray, rng: np.random.Generator, tries: int = 20) -> np.ndarray | None:
     """A random shape's outline on empty background (>= 70 % of it free of objects), or None."""
-    free = ~binary_dilation(item.labels > 0, iterations=1)
+    free = ~binary_dilation(labels > 0, iterations=1)
     for _ in range(tries):
         r = rng.uniform(3.0, 7.5)
         cx, cy = rng.uniform(r, IMAGE_SIZE - r, size=2)
@@ -123,27 +138,32 @@ def describes(caption_meaning_: tuple, item_meaning: tuple) -> bool:
 
 
 def sample_batch(pool: list[RenderedScene], n: int, rng: np.random.Generator, size: int = IMAGE_SIZE,
-                 kind_weights: dict[str, float] = KIND_WEIGHTS) -> tuple[np.ndarray, list[str], list[tuple]]:
+                 kind_weights: dict[str, float] = KIND_WEIGHTS, distort: bool = False) -> tuple[np.ndarray, list[str], list[tuple]]:
     """(uint8 images (n, size, size, 3), captions, meanings) of randomly drawn, augmented items."""
     kinds, weights = list(kind_weights), np.array(list(kind_weights.values()))
     images, captions, meanings = [], [], []
     while len(images) < n:
         item = pool[int(rng.integers(len(pool)))]
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        image = degrade(item.image, rng)
+        image, labels = item.image, item.labels
+        if distort and rng.random() < 0.5:
+            image, labels = warp(image, labels, rng)
+            if any((labels == i + 1).sum() < 6 for i in range(len(item.scene.objects))):
+                image, labels = item.image, item.labels
+        image = degrade(image, rng)
         if kind == "scene":
-            images.append(image if size == IMAGE_SIZE else region_crop(image, np.ones_like(item.labels, bool), size, 0))
+            images.append(image if size == IMAGE_SIZE else region_crop(image, np.ones_like(labels, bool), size, 0))
             captions.append(caption_for(item.scene.objects))
             meanings.append(("scene", canonical_key(item.scene.objects)))
         elif kind == "obj":
             i = int(rng.integers(len(item.scene.objects)))
             obj = item.scene.objects[i]
-            mask = perturb_mask(item.labels == i + 1, rng)
+            mask = perturb_mask(labels == i + 1, rng)
             images.append(region_crop(image, mask, size, float(rng.uniform(0.0, 0.3))))
             captions.append(object_caption(obj.colour, obj.shape, bool(rng.random() < 0.5)))
             meanings.append(("obj", obj.colour, obj.shape))
         else:
-            mask = background_mask(item, rng)
+            mask = background_mask(labels, rng)
             if mask is None:
                 continue
             images.append(region_crop(image, mask, size, float(rng.uniform(0.0, 0.3))))

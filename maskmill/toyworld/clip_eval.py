@@ -50,7 +50,7 @@ def rendered_accuracy(model, n_scenes: int = 400, seed: int = 12345) -> dict:
         for i, obj in enumerate(item.scene.objects):
             crops.append(region_crop(item.image, item.labels == i + 1, r))
             truth.append((obj.colour, obj.shape))
-        m = background_mask(item, rng)
+        m = background_mask(item.labels, rng)
         if m is not None:
             bg_crops.append(region_crop(item.image, m, r))
     phrases = [(c, s) for c in COLOURS for s in SHAPES]

@@ -40,6 +40,7 @@ class ClipTrainSettings:
     seed: int = 0
     pool_scenes: int = 6000
     threads: int = 1
+    distort: bool = False  # warp half the scenes and roughen outlines (lumpy generated shapes)
     eval_scenes: int = 400  # rendered scenes for the accuracy in the model card
     architecture: dict = field(default_factory=lambda: dict(ARCHITECTURE))
     init: str | None = None  # continue from these weights (their architecture wins)
@@ -90,7 +91,8 @@ def train(settings: ClipTrainSettings, out: Path) -> dict:
     log, used_tokens = [], set()
     bar = tqdm(range(settings.steps), desc="train-clip", mininterval=5)
     for step in bar:
-        images, captions, meanings = sample_batch(pool, settings.batch, rng, settings.architecture["image_resolution"])
+        images, captions, meanings = sample_batch(pool, settings.batch, rng, settings.architecture["image_resolution"],
+                                                  distort=settings.distort)
         texts = list(dict.fromkeys(captions))
         positives = torch.tensor([[describes(caption_meaning(t), m) for t in texts] for m in meanings])
         tokens = scorer.tokenize(texts)
@@ -154,7 +156,7 @@ def _export_state(model: torch.nn.Module, used_tokens: set[int]) -> dict[str, to
 def run_args(a: argparse.Namespace) -> int:
     settings = ClipTrainSettings(steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed,
                                  pool_scenes=a.pool_scenes, threads=a.threads,
-                                 init=str(a.init) if a.init else None)
+                                 init=str(a.init) if a.init else None, distort=a.distort)
     try:
         settings.check()  # before rendering or training anything
     except ValueError as e:
