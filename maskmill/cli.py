@@ -10,6 +10,8 @@
     maskmill toyworld eval [--n 64]
     maskmill toyworld bench-masks [--n 64] [--variants benchmarks/mask_sweeps.yaml]
     maskmill toyworld bench-ovdiff [--n-support 32] [--n-test 64] [--k-parts 32]
+    maskmill toyworld train-clip --out maskmill/assets/shapes-clip
+    maskmill toyworld eval-clip [--n 128] [--split eval|tune]
 """
 from __future__ import annotations
 
@@ -233,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy machine)")
     to.add_argument("--json", type=Path)
     t.set_defaults(fn=_cmd_toyworld)
+    from .toyworld.clip_cli import add_clip_commands
+
+    add_clip_commands(tsub)  # train-clip, eval-clip
     return p
 
 
