@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .prototypes.features import CLIP_MEAN, CLIP_STD, _load_clip_submodule, load_clip_state_dict
+from .prototypes.clip_features import CLIP_MEAN, CLIP_STD, _load_clip_submodule, load_clip_state_dict
 
 EMBEDDED = {"shapes-clip": Path(__file__).parent / "assets" / "shapes-clip"}
 WEIGHTS_FILE = "model.safetensors"

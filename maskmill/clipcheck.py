@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .clip_model import ClipModel
-from .prototypes.features import CLIP_MEAN
+from .prototypes.clip_features import CLIP_MEAN
 
 IGNORE = 255
 FILL = tuple(int(round(v * 255)) for v in CLIP_MEAN)  # zero after CLIP's normalisation

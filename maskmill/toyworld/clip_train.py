@@ -135,7 +135,7 @@ def _initial_model(settings: ClipTrainSettings) -> torch.nn.Module:
     if settings.init is None:
         return new_clip(settings.architecture).train()
     from ..clip_model import architecture_of, resolve_clip
-    from ..prototypes.features import load_clip_state_dict
+    from ..prototypes.clip_features import load_clip_state_dict
 
     state = load_clip_state_dict(resolve_clip(settings.init))
     settings.architecture = architecture_of(state)
@@ -168,15 +168,3 @@ def run_args(a: argparse.Namespace) -> int:
     write_card(a.out, summary)
     print(json.dumps({k: summary[k] for k in ("train_seconds", "final_loss", "rendered_accuracy")}, indent=1))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .clip_cli import add_train_arguments
-
-    p = argparse.ArgumentParser(prog="python -m maskmill.toyworld.clip_train", description=__doc__.split("\n")[0])
-    add_train_arguments(p)
-    return run_args(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
