@@ -5,7 +5,8 @@ Every item is a 32x32 image with a meaning: ("obj", colour, shape), ("scene", ca
 (crop to the mask's box, fill the rest), from masks perturbed the way attention masks err:
 a pixel grown or shrunk, or coarsened to 8x8 / 16x16 and upsampled. Background items take a
 random shape's outline on empty background, like a mask that found no object. Blur and noise
-bring rendered images closer to generated ones.
+bring rendered images closer to generated ones; `distort` (train-clip --distort) also warps half
+the scenes and gives masks ragged outlines.
 
 Captions: "a red circle" or "a circle" for objects, the scene caption for scenes, BACKGROUND for
 background. A caption matches every item it describes ("a circle" matches every circle), so the
@@ -70,8 +71,8 @@ def warp(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, amplit
     return warped.round().astype(np.uint8), map_coordinates(labels, coords, order=0, mode="nearest")
 
 
-def perturb_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A plausible attention mask of a true object mask (never empty)."""
+def perturb_mask(mask: np.ndarray, rng: np.random.Generator, rough: bool = False) -> np.ndarray:
+    """A plausible attention mask of a true object mask (never empty); `rough` adds ragged outlines."""
     out = mask
     u = rng.random()
     if u < 0.35:
@@ -84,7 +85,7 @@ def perturb_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = binary_dilation(mask, iterations=1)
     elif u < 0.75:
         out = binary_erosion(mask, iterations=1)
-    elif u < 0.9:  # a rough outline
+    elif rough and u < 0.9:
         out = gaussian_filter(mask.astype(np.float32) + rng.normal(0, 0.3, mask.shape), 0.7) > 0.5
     return out if out.sum() >= 4 else mask
 
@@ -158,7 +159,7 @@ def sample_batch(pool: list[RenderedScene], n: int, rng: np.random.Generator, si
         elif kind == "obj":
             i = int(rng.integers(len(item.scene.objects)))
             obj = item.scene.objects[i]
-            mask = perturb_mask(labels == i + 1, rng)
+            mask = perturb_mask(labels == i + 1, rng, rough=distort)
             images.append(region_crop(image, mask, size, float(rng.uniform(0.0, 0.3))))
             captions.append(object_caption(obj.colour, obj.shape, bool(rng.random() < 0.5)))
             meanings.append(("obj", obj.colour, obj.shape))
