@@ -17,35 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models import CLIP_WEIGHTS_FILE as WEIGHTS_FILE
+from .models import ClipNotFoundError, resolve_clip  # noqa: F401  (re-exported: the CLIP loaders use them)
 from .prototypes.clip_features import CLIP_MEAN, CLIP_STD, _load_clip_submodule, load_clip_state_dict
 
-EMBEDDED = {"shapes-clip": Path(__file__).parent / "assets" / "shapes-clip"}
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 # The constructor arguments of clip.model.CLIP, in its order.
+CONFIG_FILE = "config.json"
 ARCHITECTURE_KEYS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
                      "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")
-
-
-class ClipNotFoundError(FileNotFoundError):
-    pass
-
-
-def resolve_clip(model: str | Path) -> Path:
-    """The weight file of an embedded name, of a folder holding model.safetensors, or the file itself."""
-    if str(model) in EMBEDDED:
-        path = EMBEDDED[str(model)] / WEIGHTS_FILE
-        if not path.is_file():
-            raise ClipNotFoundError(f"embedded CLIP {model!r} is missing at {path}: train it with "
-                                    f"`maskmill toyworld train-clip --out {path.parent}`")
-        return path
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
-    if not path.is_file():
-        raise ClipNotFoundError(f"CLIP model {str(model)!r} not found: give a local weight file (.safetensors, or a "
-                                f"plain state dict .pt), a folder with {WEIGHTS_FILE}, or one of: {', '.join(EMBEDDED)}")
-    return path
 
 
 def architecture_of(state: dict[str, torch.Tensor]) -> dict[str, int]:

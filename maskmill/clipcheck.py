@@ -15,40 +15,17 @@ All regions of a batch go through the image encoder together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .clip_model import ClipModel
+from .config import ClipCheckConfig
 from .prototypes.clip_features import CLIP_MEAN
 
 IGNORE = 255
 FILL = tuple(int(round(v * 255)) for v in CLIP_MEAN)  # zero after CLIP's normalisation
-
-
-class ClipCheckConfig(BaseModel):
-    """`filter.clip` of a run: off unless a CLIP model is given."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(description="local CLIP weight file or folder, or an embedded name (shapes-clip)")
-    min_margin: float = Field(0.0, ge=-2, le=2,
-                              description="own-class cosine similarity minus the best other prompt's must be >= this")
-    action: Literal["reject", "ignore"] = "reject"
-    template: str = Field("a {}", description="prompt of a class; {} is its name")
-    background_prompt: str = "background"
-    box_margin: float = Field(0.1, ge=0, le=1, description="extra context around the mask's box, as a fraction")
-    batch_size: int = Field(64, ge=1)
-
-    @field_validator("template")
-    @classmethod
-    def _one_slot(cls, v: str) -> str:
-        if v.count("{}") != 1:
-            raise ValueError(f"template must contain exactly one '{{}}', got {v!r}")
-        return v
 
 
 @dataclass

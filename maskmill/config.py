@@ -34,11 +34,34 @@ class ExtractorConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ClipCheckConfig(BaseModel):
+    """`filter.clip` of a run: off unless a CLIP model is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="local CLIP weight file or folder, or an embedded name (shapes-clip)")
+    min_margin: float = Field(0.0, ge=-2, le=2,
+                              description="own-class cosine similarity minus the best other prompt's must be >= this")
+    action: Literal["reject", "ignore"] = "reject"
+    template: str = Field("a {}", description="prompt of a class; {} is its name")
+    background_prompt: str = "background"
+    box_margin: float = Field(0.1, ge=0, le=1, description="extra context around the mask's box, as a fraction")
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, v: str) -> str:
+        if v.count("{}") != 1:
+            raise ValueError(f"template must contain exactly one '{{}}', got {v!r}")
+        return v
+
+
 class FilterConfig(_Strict):
     min_confidence: float = Field(0.3, ge=0, le=1)
     min_area: float = Field(0.002, ge=0, le=1, description="smallest fraction of the image a class must cover")
     max_area: float = Field(0.95, gt=0, le=1)
     max_retries_factor: float = Field(2.0, ge=1, description="plan at most this many indices per requested sample")
+    clip: ClipCheckConfig | None = Field(None, description="CLIP check of each class's masked region; off if unset")
 
 
 class RunConfig(_Strict):
@@ -152,6 +175,13 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
             get_extractor(cfg.extractor.name, **cfg.extractor.params)
         except ValueError as e:
             raise ConfigError(f"{source}: key 'extractor': {e}") from None
+        if cfg.filter.clip is not None:
+            from .models import ClipNotFoundError, resolve_clip
+
+            try:
+                resolve_clip(cfg.filter.clip.model)
+            except ClipNotFoundError as e:
+                raise ConfigError(f"{source}: key 'filter.clip.model': {e}") from None
     return cfg
 
 

@@ -188,6 +188,27 @@ def model_identity(model) -> str:
     return _files_identity(model_folder(model))
 
 
-def model_fingerprint(model: str) -> dict:
-    """Deprecated alias kept for callers not yet moved to `model_identity`: {"model", "config_hash"}."""
-    return {"model": str(model), "config_hash": model_identity(model).split(":", 1)[1]}
+# --- CLIP checkpoints (loaded by maskmill.clip_model; named here so configs can check them cheaply) ---
+EMBEDDED_CLIPS = {"shapes-clip": Path(__file__).parent / "assets" / "shapes-clip"}
+CLIP_WEIGHTS_FILE = "model.safetensors"
+
+
+class ClipNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_clip(model: str | Path) -> Path:
+    """The weight file of an embedded name, of a folder holding model.safetensors, or the file itself."""
+    if str(model) in EMBEDDED_CLIPS:
+        path = EMBEDDED_CLIPS[str(model)] / CLIP_WEIGHTS_FILE
+        if not path.is_file():
+            raise ClipNotFoundError(f"embedded CLIP {model!r} is missing at {path}: train it with "
+                                    f"`maskmill toyworld train-clip --out {path.parent}`")
+        return path
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / CLIP_WEIGHTS_FILE
+    if not path.is_file():
+        raise ClipNotFoundError(f"CLIP model {str(model)!r} not found: give a local weight file (.safetensors, or a "
+                                f"plain state dict .pt), a folder with {CLIP_WEIGHTS_FILE}, or one of: {', '.join(EMBEDDED_CLIPS)}")
+    return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from pydantic import ValidationError
 from maskmill.clip_model import ClipNotFoundError, architecture_of, load_clip, new_clip
 from maskmill.clipcheck import FILL, IGNORE, ClipCheck, ClipCheckConfig, region_crop
 from maskmill.toyworld.render import Scene, ShapeObject, render
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
             context_length=16, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
@@ -242,3 +245,20 @@ def test_train_continues_from_given_weights(tmp_path):
     summary = train(settings, tmp_path / "next")
     assert summary["architecture"] == TINY  # taken from the weights, not the default micro architecture
     assert summary["settings"]["init"] == str(tmp_path / "start")
+
+
+def test_run_config_takes_filter_clip_and_refuses_a_missing_model(tmp_path):
+    import yaml
+
+    from maskmill.config import ConfigError, load_config
+
+    base = yaml.safe_load((REPO / "configs" / "shapes.yaml").read_text())
+    base["filter"]["clip"] = {"model": "shapes-clip", "min_margin": -0.05, "action": "ignore"}
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(base))
+    cfg = load_config(tmp_path / "ok.yaml")
+    assert cfg.filter.clip.action == "ignore" and cfg.filter.clip.min_margin == -0.05
+    base["filter"]["clip"]["model"] = str(tmp_path / "absent.safetensors")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError, match=r"key 'filter.clip.model': CLIP model .*absent.safetensors.* not found") as e:
+        load_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
