@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -107,6 +108,8 @@ class AttentionStore:
         self.features: dict[str, torch.Tensor] = {}
         self.layer_self: dict[str, torch.Tensor] = {}
         self.layer_count: dict[str, int] = {}
+        self.seconds = 0.0  # wall time spent recording (inside the UNet's forward), for the shard's time split
+        self._finished = False
 
     # -- step bookkeeping: one UNet forward = one denoising step
     def next_step(self) -> None:
@@ -142,18 +145,30 @@ class AttentionStore:
         return self.self_attn[side]
 
     def results(self) -> list[SampleAttention]:
-        """One SampleAttention per sample: averages over the recorded steps and layers (on CPU)."""
+        """One SampleAttention per sample: averages over the recorded steps and layers (on CPU).
+
+        The accumulators are divided in place and each sample gets views of its rows, not copies:
+        the batch's maps live once, and are freed when the store and the last sample are dropped.
+        Call once (a second call would divide again).
+        """
+        if self._finished:
+            raise RuntimeError("AttentionStore.results() was already called")
+        self._finished = True
+        for accs, counts in ((self.cross, self.cross_count), (self.self_attn, self.self_count),
+                             (self.layer_self, self.layer_count)):
+            for key, acc in accs.items():
+                acc.div_(counts[key])
         out = []
         for b in range(self.batch_size):
             cross, res = {}, {}
             for name, acc in self.cross.items():
                 h = self.cross_side[name]
                 w = acc.shape[-1] // h
-                cross[name] = (acc[b] / self.cross_count[name]).reshape(-1, h, w).cpu()
+                cross[name] = acc[b].reshape(-1, h, w).cpu()
                 res[name] = h
-            self_attn = {s: (acc[b] / self.self_count[s]).cpu() for s, acc in self.self_attn.items()}
+            self_attn = {s: acc[b].cpu() for s, acc in self.self_attn.items()}
             feats = {k: v[b].float().cpu() for k, v in self.features.items()}
-            layers = {n: (acc[b] / self.layer_count[n]).cpu() for n, acc in self.layer_self.items()}
+            layers = {n: acc[b].cpu() for n, acc in self.layer_self.items()}
             out.append(SampleAttention(cross=cross, self_attn=self_attn, cross_resolution=res, features=feats,
                                        self_attn_layers=layers))
         return out
@@ -228,9 +243,11 @@ class CaptureProcessor:
     def __call__(self, attn, hidden_states, *args, **kwargs):
         out = self.inner(attn, hidden_states, *args, **kwargs)
         if self.store.recording:
+            started = time.perf_counter()
             bound = self._bind(attn, hidden_states, *args, **kwargs)
             with torch.no_grad():
                 self._record(attn, hidden_states, bound.get("encoder_hidden_states"))
+            self.store.seconds += time.perf_counter() - started
         return out
 
     def _bind(self, attn, hidden_states, *args, **kwargs) -> dict:
