@@ -62,6 +62,9 @@ class CaptureConfig:
         averaged into that side's map. None records every side from every block; sides not listed
         are not recorded (their probabilities are never computed).
     steps: the window of denoising steps recorded, as fractions [start, end) of the schedule.
+    side_steps: resolution side -> a narrower window for that side's self-attention (fractions of the
+        whole schedule, applied within `steps`): e.g. SD's 64x64 layers, whose recording costs most,
+        only in the last steps. Sides not listed use `steps`.
     chunk_elements: upper bound on the elements of one probability chunk (rows x keys x heads x batch);
         None: 2^19 on CPU (about a core's L2 cache), 2^24 on accelerators (fewer kernel launches).
     feature_modules: name -> dotted UNet module path whose output is kept (last recorded step), e.g. for DiffCut.
@@ -71,6 +74,7 @@ class CaptureConfig:
     cross_sides: tuple[int, ...] | None = None
     self_blocks: dict[int, tuple[str, ...]] | None = None
     steps: tuple[float, float] = (0.0, 1.0)
+    side_steps: dict[int, tuple[float, float]] | None = None
     chunk_elements: int | None = None
     feature_modules: dict[str, str] = field(default_factory=dict)
     per_layer_self: bool = False  # also keep each layer's own self-attention (diagnostics, e.g. toyworld eval)
@@ -96,9 +100,8 @@ class AttentionStore:
         self.batch_size = batch_size
         self.cfg = cfg
         self.latent_hw = latent_hw
-        start, end = config.steps
-        self._first = int(math.floor(start * num_steps))
-        self._last = max(self._first + 1, int(math.ceil(end * num_steps)))
+        self._first, self._last = _step_range(config.steps, num_steps)
+        self._side_ranges = {side: _step_range(w, num_steps) for side, w in (config.side_steps or {}).items()}
         self.step = -1
         self.cross: dict[str, torch.Tensor] = {}
         self.cross_count: dict[str, int] = {}
@@ -118,6 +121,11 @@ class AttentionStore:
     @property
     def recording(self) -> bool:
         return self._first <= self.step < self._last
+
+    def records_side(self, side: int) -> bool:
+        """Whether this step records the self-attention of `side` (its own window, if it has one)."""
+        first, last = self._side_ranges.get(side, (self._first, self._last))
+        return first <= self.step < last
 
     def side_of(self, seq_len: int) -> tuple[int, int]:
         """(h, w) of a layer from its sequence length and the latent shape."""
@@ -172,6 +180,12 @@ class AttentionStore:
             out.append(SampleAttention(cross=cross, self_attn=self_attn, cross_resolution=res, features=feats,
                                        self_attn_layers=layers))
         return out
+
+
+def _step_range(window: tuple[float, float], num_steps: int) -> tuple[int, int]:
+    """Fractions [start, end) of the schedule -> step indices [first, last), at least one step."""
+    first = int(math.floor(window[0] * num_steps))
+    return first, max(first + 1, int(math.ceil(window[1] * num_steps)))
 
 
 CPU_CHUNK_ELEMENTS = 1 << 19
@@ -275,7 +289,7 @@ class CaptureProcessor:
             probs = attention_probabilities(attn, x, ctx, store.config.chunk_elements)
             store.add_cross(self.name, probs, hw)
         else:
-            if not store.config.wants_self(hw[0], self.block):
+            if not store.config.wants_self(hw[0], self.block) or not store.records_side(hw[0]):
                 return
             acc = store.self_accumulator(hw[0], x.shape[1], x.device)
             if store.config.per_layer_self:
