@@ -112,6 +112,7 @@ class AttentionStore:
         self.layer_self: dict[str, torch.Tensor] = {}
         self.layer_count: dict[str, int] = {}
         self.seconds = 0.0  # wall time spent recording (inside the UNet's forward), for the shard's time split
+        self.cpu_by_kind: dict[str, float] = {}  # "self 64", "cross 16" -> CPU seconds of this thread recording them
         self._finished = False
 
     # -- step bookkeeping: one UNet forward = one denoising step
@@ -257,11 +258,13 @@ class CaptureProcessor:
     def __call__(self, attn, hidden_states, *args, **kwargs):
         out = self.inner(attn, hidden_states, *args, **kwargs)
         if self.store.recording:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             bound = self._bind(attn, hidden_states, *args, **kwargs)
             with torch.no_grad():
-                self._record(attn, hidden_states, bound.get("encoder_hidden_states"))
+                kind = self._record(attn, hidden_states, bound.get("encoder_hidden_states"))
             self.store.seconds += time.perf_counter() - started
+            if kind:
+                self.store.cpu_by_kind[kind] = self.store.cpu_by_kind.get(kind, 0.0) + time.thread_time() - cpu
         return out
 
     def _bind(self, attn, hidden_states, *args, **kwargs) -> dict:
@@ -270,27 +273,29 @@ class CaptureProcessor:
         names = list(inspect.signature(self.inner.__call__).parameters)[2:]  # after (attn, hidden_states)
         return {**dict(zip(names, args)), **kwargs}
 
-    def _record(self, attn, hidden_states, encoder_hidden_states) -> None:
+    def _record(self, attn, hidden_states, encoder_hidden_states) -> str | None:
+        """Record this layer's probabilities if wanted; returns what was recorded ("self 64"), else None."""
         store = self.store
         x = hidden_states
         if x.ndim == 4:  # (B, C, H, W) blocks: flatten as the default processor does
             x = x.flatten(2).transpose(1, 2)
         if attn.spatial_norm is not None or attn.group_norm is not None:
-            return  # VAE-style attention; SD UNet transformer blocks have neither
+            return None  # VAE-style attention; SD UNet transformer blocks have neither
         hw = store.side_of(x.shape[1])
         x = store.conditional(x)
         if self.is_cross:
             sides = store.config.cross_sides
             if not store.config.cross or encoder_hidden_states is None or (sides is not None and hw[0] not in sides):
-                return
+                return None
             ctx = store.conditional(encoder_hidden_states)
             if attn.norm_cross:
                 ctx = attn.norm_encoder_hidden_states(ctx)
             probs = attention_probabilities(attn, x, ctx, store.config.chunk_elements)
             store.add_cross(self.name, probs, hw)
+            return f"cross {hw[0]}"
         else:
             if not store.config.wants_self(hw[0], self.block) or not store.records_side(hw[0]):
-                return
+                return None
             acc = store.self_accumulator(hw[0], x.shape[1], x.device)
             if store.config.per_layer_self:
                 probs = attention_probabilities(attn, x, x, store.config.chunk_elements)
@@ -303,6 +308,7 @@ class CaptureProcessor:
             else:
                 attention_probabilities(attn, x, x, store.config.chunk_elements, out=acc)
             store.self_count[hw[0]] += 1
+            return f"self {hw[0]}"
 
 
 @lru_cache(maxsize=None)

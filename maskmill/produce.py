@@ -6,6 +6,10 @@ masks and judges each with the run's filter rules until enough are accepted. Two
 `prototypes.support.generate_support` (an OVDiff support set: accepted samples become fg/bg
 masks). No Prefect here: `tasks/` wraps `produce_shard`. The pipeline is passed in (loaded
 once per worker process); everything else follows from the config and the shard id.
+
+Generation runs one batch ahead on a thread of its own (`batch_feed`): while batch k is
+extracted, judged, encoded and written, batch k+1 is generated, so a GPU does not idle on the
+CPU side. The batches and the output bytes are those of the serial loop (`overlap=False`).
 """
 from __future__ import annotations
 
