@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -61,6 +62,9 @@ class CaptureConfig:
         averaged into that side's map. None records every side from every block; sides not listed
         are not recorded (their probabilities are never computed).
     steps: the window of denoising steps recorded, as fractions [start, end) of the schedule.
+    side_steps: resolution side -> a narrower window for that side's self-attention (fractions of the
+        whole schedule, applied within `steps`): e.g. SD's 64x64 layers, whose recording costs most,
+        only in the last steps. Sides not listed use `steps`.
     chunk_elements: upper bound on the elements of one probability chunk (rows x keys x heads x batch);
         None: 2^19 on CPU (about a core's L2 cache), 2^24 on accelerators (fewer kernel launches).
     feature_modules: name -> dotted UNet module path whose output is kept (last recorded step), e.g. for DiffCut.
@@ -70,6 +74,7 @@ class CaptureConfig:
     cross_sides: tuple[int, ...] | None = None
     self_blocks: dict[int, tuple[str, ...]] | None = None
     steps: tuple[float, float] = (0.0, 1.0)
+    side_steps: dict[int, tuple[float, float]] | None = None
     chunk_elements: int | None = None
     feature_modules: dict[str, str] = field(default_factory=dict)
     per_layer_self: bool = False  # also keep each layer's own self-attention (diagnostics, e.g. toyworld eval)
@@ -95,9 +100,8 @@ class AttentionStore:
         self.batch_size = batch_size
         self.cfg = cfg
         self.latent_hw = latent_hw
-        start, end = config.steps
-        self._first = int(math.floor(start * num_steps))
-        self._last = max(self._first + 1, int(math.ceil(end * num_steps)))
+        self._first, self._last = _step_range(config.steps, num_steps)
+        self._side_ranges = {side: _step_range(w, num_steps) for side, w in (config.side_steps or {}).items()}
         self.step = -1
         self.cross: dict[str, torch.Tensor] = {}
         self.cross_count: dict[str, int] = {}
@@ -107,6 +111,9 @@ class AttentionStore:
         self.features: dict[str, torch.Tensor] = {}
         self.layer_self: dict[str, torch.Tensor] = {}
         self.layer_count: dict[str, int] = {}
+        self.seconds = 0.0  # wall time spent recording (inside the UNet's forward), for the shard's time split
+        self.cpu_by_kind: dict[str, float] = {}  # "self 64", "cross 16" -> CPU seconds of this thread recording them
+        self._finished = False
 
     # -- step bookkeeping: one UNet forward = one denoising step
     def next_step(self) -> None:
@@ -115,6 +122,11 @@ class AttentionStore:
     @property
     def recording(self) -> bool:
         return self._first <= self.step < self._last
+
+    def records_side(self, side: int) -> bool:
+        """Whether this step records the self-attention of `side` (its own window, if it has one)."""
+        first, last = self._side_ranges.get(side, (self._first, self._last))
+        return first <= self.step < last
 
     def side_of(self, seq_len: int) -> tuple[int, int]:
         """(h, w) of a layer from its sequence length and the latent shape."""
@@ -142,21 +154,39 @@ class AttentionStore:
         return self.self_attn[side]
 
     def results(self) -> list[SampleAttention]:
-        """One SampleAttention per sample: averages over the recorded steps and layers (on CPU)."""
+        """One SampleAttention per sample: averages over the recorded steps and layers (on CPU).
+
+        The accumulators are divided in place and each sample gets views of its rows, not copies:
+        the batch's maps live once, and are freed when the store and the last sample are dropped.
+        Call once (a second call would divide again).
+        """
+        if self._finished:
+            raise RuntimeError("AttentionStore.results() was already called")
+        self._finished = True
+        for accs, counts in ((self.cross, self.cross_count), (self.self_attn, self.self_count),
+                             (self.layer_self, self.layer_count)):
+            for key, acc in accs.items():
+                acc.div_(counts[key])
         out = []
         for b in range(self.batch_size):
             cross, res = {}, {}
             for name, acc in self.cross.items():
                 h = self.cross_side[name]
                 w = acc.shape[-1] // h
-                cross[name] = (acc[b] / self.cross_count[name]).reshape(-1, h, w).cpu()
+                cross[name] = acc[b].reshape(-1, h, w).cpu()
                 res[name] = h
-            self_attn = {s: (acc[b] / self.self_count[s]).cpu() for s, acc in self.self_attn.items()}
+            self_attn = {s: acc[b].cpu() for s, acc in self.self_attn.items()}
             feats = {k: v[b].float().cpu() for k, v in self.features.items()}
-            layers = {n: (acc[b] / self.layer_count[n]).cpu() for n, acc in self.layer_self.items()}
+            layers = {n: acc[b].cpu() for n, acc in self.layer_self.items()}
             out.append(SampleAttention(cross=cross, self_attn=self_attn, cross_resolution=res, features=feats,
                                        self_attn_layers=layers))
         return out
+
+
+def _step_range(window: tuple[float, float], num_steps: int) -> tuple[int, int]:
+    """Fractions [start, end) of the schedule -> step indices [first, last), at least one step."""
+    first = int(math.floor(window[0] * num_steps))
+    return first, max(first + 1, int(math.ceil(window[1] * num_steps)))
 
 
 CPU_CHUNK_ELEMENTS = 1 << 19
@@ -228,9 +258,13 @@ class CaptureProcessor:
     def __call__(self, attn, hidden_states, *args, **kwargs):
         out = self.inner(attn, hidden_states, *args, **kwargs)
         if self.store.recording:
+            started, cpu = time.perf_counter(), time.thread_time()
             bound = self._bind(attn, hidden_states, *args, **kwargs)
             with torch.no_grad():
-                self._record(attn, hidden_states, bound.get("encoder_hidden_states"))
+                kind = self._record(attn, hidden_states, bound.get("encoder_hidden_states"))
+            self.store.seconds += time.perf_counter() - started
+            if kind:
+                self.store.cpu_by_kind[kind] = self.store.cpu_by_kind.get(kind, 0.0) + time.thread_time() - cpu
         return out
 
     def _bind(self, attn, hidden_states, *args, **kwargs) -> dict:
@@ -239,27 +273,29 @@ class CaptureProcessor:
         names = list(inspect.signature(self.inner.__call__).parameters)[2:]  # after (attn, hidden_states)
         return {**dict(zip(names, args)), **kwargs}
 
-    def _record(self, attn, hidden_states, encoder_hidden_states) -> None:
+    def _record(self, attn, hidden_states, encoder_hidden_states) -> str | None:
+        """Record this layer's probabilities if wanted; returns what was recorded ("self 64"), else None."""
         store = self.store
         x = hidden_states
         if x.ndim == 4:  # (B, C, H, W) blocks: flatten as the default processor does
             x = x.flatten(2).transpose(1, 2)
         if attn.spatial_norm is not None or attn.group_norm is not None:
-            return  # VAE-style attention; SD UNet transformer blocks have neither
+            return None  # VAE-style attention; SD UNet transformer blocks have neither
         hw = store.side_of(x.shape[1])
         x = store.conditional(x)
         if self.is_cross:
             sides = store.config.cross_sides
             if not store.config.cross or encoder_hidden_states is None or (sides is not None and hw[0] not in sides):
-                return
+                return None
             ctx = store.conditional(encoder_hidden_states)
             if attn.norm_cross:
                 ctx = attn.norm_encoder_hidden_states(ctx)
             probs = attention_probabilities(attn, x, ctx, store.config.chunk_elements)
             store.add_cross(self.name, probs, hw)
+            return f"cross {hw[0]}"
         else:
-            if not store.config.wants_self(hw[0], self.block):
-                return
+            if not store.config.wants_self(hw[0], self.block) or not store.records_side(hw[0]):
+                return None
             acc = store.self_accumulator(hw[0], x.shape[1], x.device)
             if store.config.per_layer_self:
                 probs = attention_probabilities(attn, x, x, store.config.chunk_elements)
@@ -272,6 +308,7 @@ class CaptureProcessor:
             else:
                 attention_probabilities(attn, x, x, store.config.chunk_elements, out=acc)
             store.self_count[hw[0]] += 1
+            return f"self {hw[0]}"
 
 
 @lru_cache(maxsize=None)

@@ -46,8 +46,12 @@ def generate_plain(pipe, prompts: list[str], seeds: list[int], settings: Generat
 
 @torch.no_grad()
 def generate_with_attention(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings,
-                            capture: CaptureConfig | None = None) -> tuple[list[np.ndarray], list[SampleAttention]]:
-    """Images (uint8 HxWx3) and the captured attention of each sample."""
+                            capture: CaptureConfig | None = None,
+                            timing: dict[str, float] | None = None) -> tuple[list[np.ndarray], list[SampleAttention]]:
+    """Images (uint8 HxWx3) and the captured attention of each sample.
+
+    timing: if given, gets "capture" = the seconds spent recording inside the UNet (part of this call's time).
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     capture = capture or CaptureConfig()
@@ -56,4 +60,6 @@ def generate_with_attention(pipe, prompts: list[str], seeds: list[int], settings
                            latent_hw=latent_hw(pipe, settings.height, settings.width),
                            num_steps=settings.steps) as store:
         images = generate_plain(pipe, prompts, seeds, settings)
+    if timing is not None:
+        timing["capture"] = store.seconds
     return images, store.results()

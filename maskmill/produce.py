@@ -6,10 +6,15 @@ masks and judges each with the run's filter rules until enough are accepted. Two
 `prototypes.support.generate_support` (an OVDiff support set: accepted samples become fg/bg
 masks). No Prefect here: `tasks/` wraps `produce_shard`. The pipeline is passed in (loaded
 once per worker process); everything else follows from the config and the shard id.
+
+Generation runs one batch ahead on a thread of its own (`batch_feed`): while batch k is
+extracted, judged, encoded and written, batch k+1 is generated, so a GPU does not idle on the
+CPU side. The batches and the output bytes are those of the serial loop (`overlap=False`).
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -20,10 +25,13 @@ import numpy as np
 from .capture import CaptureConfig
 from .config import FilterConfig, RunConfig
 from .extractors import ClassSpec, Extractor, MaskResult, get_extractor
+from .batch_feed import BatchFeed, Budget
+from .capture import SampleAttention
 from .generate import GenerationSettings, generate_with_attention, latent_hw
 from .plan import RunPlan
 from .prompts import Prompt
 from .shards.records import ACCEPTED, REJECTED, SampleRecord, build_meta, remap_labels
+from .shards.timing import StageClock
 from .shards.writer import ShardStats, write_shard
 from .tokens import phrase_token_indices
 
@@ -100,40 +108,76 @@ def class_specs(tokenizer, prompt: Prompt) -> list[ClassSpec]:
     return [ClassSpec(c.name, phrase_token_indices(tokenizer, prompt.text, c.phrase)) for c in prompt.classes]
 
 
+@dataclass
+class GeneratedBatch(Generic[C]):
+    """One generation call's output: per candidate its classes, image and captured attention."""
+
+    candidates: list[C]
+    specs: list[list[ClassSpec]]
+    images: list[np.ndarray]
+    attns: list[SampleAttention]
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+
 def judged_samples(pipe, extractor: Extractor, candidates: Iterable[C], need: int, settings: GenerationSettings,
                    rules: FilterConfig, batch_size: int, generation_gate: GenerationGate | None = None,
-                   require_mask: bool = False) -> Iterator[Judged[C]]:
+                   require_mask: bool = False, overlap: bool = True,
+                   clock: StageClock | None = None) -> Iterator[Judged[C]]:
     """Judged candidates, in order, until `need` are accepted or the candidates run out.
 
     Each batch asks for no more than the samples still missing, so no image is generated in vain
     and the batches depend only on the inputs. `generation_gate()`, if given, is entered around
     each batch's generation only (not extraction), e.g. a Prefect global concurrency slot per GPU.
+
+    overlap: generate the next batch on a thread of its own while this one is extracted, judged
+    and consumed (written) by the caller (batch_feed.BatchFeed: the same batches as without, at
+    most two batches of maps in memory). `clock` gets the generation and extraction seconds.
     """
     gate = generation_gate or contextlib.nullcontext
     capture = capture_config_for(extractor, pipe, settings.height, settings.width)
     candidates = iter(candidates)
-    while need > 0:
-        batch = list(islice(candidates, min(batch_size, need)))
+    clock = clock or StageClock()
+    clock.overlapped_run = overlap
+
+    def make_batch(size: int) -> GeneratedBatch[C] | None:
+        batch = list(islice(candidates, size))
         if not batch:
-            break  # the candidates are used up: the caller reports the shortfall
+            return None  # the candidates are used up: the caller reports the shortfall
+        # the tokenizer on the generating thread only (a fast tokenizer is not to be shared between threads)
+        specs = [class_specs(pipe.tokenizer, c.prompt) for c in batch]
         with gate():
+            started, timing = time.perf_counter(), {}
             images, attns = generate_with_attention(pipe, [c.prompt.text for c in batch], [c.seed for c in batch],
-                                                    settings, capture)
-        for candidate, image, attn in zip(batch, images, attns):
-            result = extractor.extract(attn, class_specs(pipe.tokenizer, candidate.prompt), image)
-            names = [c.name for c in candidate.prompt.classes]
-            reason = rejection_reason(image, result, names, rules, require_mask)
-            if not reason:
-                need -= 1
-            yield Judged(candidate, image, result, reason)
+                                                    settings, capture, timing=timing)
+            clock.add_generation(time.perf_counter() - started, timing.get("capture", 0.0))
+        return GeneratedBatch(batch, specs, images, attns)
+
+    budget = Budget(need, batch_size)
+    feed = BatchFeed(make_batch, budget, ahead=overlap, on_wait=clock.add_wait)
+    try:
+        for generated in feed:
+            for k, (candidate, image) in enumerate(zip(generated.candidates, generated.images)):
+                with clock.timed("capture_extraction"):
+                    result = extractor.extract(generated.attns[k], generated.specs[k], image)
+                    generated.attns[k] = None  # this sample's maps are done with
+                    names = [c.name for c in candidate.prompt.classes]
+                    reason = rejection_reason(image, result, names, rules, require_mask)
+                budget.judged(accepted=not reason)
+                yield Judged(candidate, image, result, reason)
+            del generated
+    finally:
+        feed.close()
 
 
 def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor: Extractor,
-                  progress=None, generation_gate: GenerationGate | None = None) -> Iterator[SampleRecord]:
+                  progress=None, generation_gate: GenerationGate | None = None, overlap: bool = True,
+                  clock: StageClock | None = None) -> Iterator[SampleRecord]:
     """Records of one shard, accepted and rejected, until its quota of accepted samples is met."""
     ids = plan.class_ids()
     for judged in judged_samples(pipe, extractor, plan.candidates(shard_id), plan.quota(shard_id), settings_of(cfg),
-                                 cfg.filter, cfg.batch_size, generation_gate):
+                                 cfg.filter, cfg.batch_size, generation_gate, overlap=overlap, clock=clock):
         sample, result = judged.candidate, judged.result
         names = sample.class_names
         meta = build_meta(prompt=sample.prompt.text, seed=sample.seed, classes=names,
@@ -151,9 +195,14 @@ def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor:
 
 
 def produce_shard(cfg: RunConfig, shard_id: int, pipe, run_dir, extractor: Extractor | None = None,
-                  progress=None, generation_gate: GenerationGate | None = None) -> ShardStats:
-    """Generate, extract, filter and write shard `shard_id`; returns its stats (written last)."""
+                  progress=None, generation_gate: GenerationGate | None = None, overlap: bool = True) -> ShardStats:
+    """Generate, extract, filter and write shard `shard_id`; returns its stats (written last).
+
+    overlap: the next batch is generated while this one is extracted, encoded and written (same
+    bytes as without; see judged_samples). The stats' `time_split` says where the time went.
+    """
+    clock = StageClock()
     plan = RunPlan(cfg)
     extractor = extractor or get_extractor(cfg.extractor.name, **cfg.extractor.params)
-    records = shard_records(cfg, plan, shard_id, pipe, extractor, progress, generation_gate)
-    return write_shard(run_dir, shard_id, records, image_format=cfg.image_format, mtime=0.0)
+    records = shard_records(cfg, plan, shard_id, pipe, extractor, progress, generation_gate, overlap, clock)
+    return write_shard(run_dir, shard_id, records, image_format=cfg.image_format, mtime=0.0, clock=clock)

@@ -55,10 +55,12 @@ class SeeDiffExtractor(Extractor):
     def __init__(self, seed_side: int | None = None, cross_sides: list[int] | None = None,
                  refine_sides: list[int] | None = None, fg_threshold: float = 0.3, final_threshold: float = 0.8,
                  pamr_iterations: int = 10, pamr_dilations: tuple[int, ...] = (1, 2, 4), margin: float = 0.05,
-                 capture_steps: tuple[float, float] = (0.0, 1.0), separate_by_cross: bool = True):
-        if not 0.0 <= capture_steps[0] < capture_steps[1] <= 1.0:
-            raise ValueError(f"capture_steps must be [start, end) fractions with 0 <= start < end <= 1, "
-                             f"got {list(capture_steps)}")
+                 capture_steps: tuple[float, float] = (0.0, 1.0), separate_by_cross: bool = True,
+                 refine_steps: tuple[float, float] | None = None):
+        for name, window in (("capture_steps", capture_steps), ("refine_steps", refine_steps)):
+            if window is not None and not 0.0 <= window[0] < window[1] <= 1.0:
+                raise ValueError(f"{name} must be [start, end) fractions with 0 <= start < end <= 1, "
+                                 f"got {list(window)}")
         self.seed_side = seed_side
         self.cross_sides = cross_sides
         self.refine_sides = refine_sides
@@ -69,6 +71,9 @@ class SeeDiffExtractor(Extractor):
         self.margin = margin
         # the authors average all steps; a later window captures less (cheaper) where masks allow it
         self.capture_steps = (float(capture_steps[0]), float(capture_steps[1]))
+        # the refinement sides (SD's 64x64 layers: most of capture's cost) only in this window of the
+        # schedule, within capture_steps; None: the same steps as the seed side
+        self.refine_steps = None if refine_steps is None else (float(refine_steps[0]), float(refine_steps[1]))
         # Expansion separates foreground from background, not one object from another:
         # with several classes in a prompt, weight each class's score by its own propagated
         # cross-attention before the per-pixel argmax.
@@ -88,8 +93,9 @@ class SeeDiffExtractor(Extractor):
         blocks = {seed: ("down", "mid", "up")}
         for s in finer:
             blocks[s] = ("up",) if s >= 64 else ("down", "mid", "up")
+        side_steps = None if self.refine_steps is None else {s: self.refine_steps for s in finer}
         return CaptureConfig(self_blocks=blocks, cross_sides=tuple(self.cross_sides or [seed]),
-                             steps=self.capture_steps)
+                             steps=self.capture_steps, side_steps=side_steps)
 
     def soft_maps(self, attn: SampleAttention, classes: list[ClassSpec], hw: tuple[int, int]) -> torch.Tensor:
         """Steps 1-3 for each class, upsampled to `hw`: (K, H, W) in [0, 1]."""

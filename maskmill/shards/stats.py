@@ -22,7 +22,8 @@ class ShardStats:
     reasons: dict[str, int] = field(default_factory=dict)
     tar_bytes: int = 0
     manifest_bytes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the shard, split in time_split (shards/timing.py)
+    time_split: dict[str, float] = field(default_factory=dict)
     image_format: str = "png"
     fields: list[str] = field(default_factory=list)
     mtime: int = 0

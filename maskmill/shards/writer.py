@@ -37,6 +37,7 @@ from .layout import ShardPaths, shard_paths
 from .manifest import ManifestWriter, manifest_row
 from .records import BACKGROUND, IGNORE, SampleRecord, shard_name
 from .stats import Coverage, ShardStats
+from .timing import StageClock
 
 
 class ShardWriter:
@@ -57,6 +58,7 @@ class ShardWriter:
         shard_id: int,
         image_format: str = "png",
         mtime: float = 0.0,
+        clock: StageClock | None = None,
     ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
@@ -78,6 +80,9 @@ class ShardWriter:
         self._tar: wds.TarWriter | None = None
         self._manifest: ManifestWriter | None = None
         self._started = 0.0
+        # encoding and writing time go here; with a clock, `seconds` counts from its start (the shard's)
+        self.clock = clock or StageClock()
+        self._timed_whole_shard = clock is not None
         self._closed = False
 
     # --- public interface --------------------------------------------------------------
@@ -85,7 +90,12 @@ class ShardWriter:
         """Check, encode and write one record (accepted: tar + manifest; rejected: manifest only)."""
         if self._closed:
             raise RuntimeError(f"shard {self._stats.shard} is already closed")
-        sample, row, fractions, prompted = self._prepare(record)
+        with self.clock.timed("encoding"):
+            sample, row, fractions, prompted = self._prepare(record)
+        with self.clock.timed("writing"):
+            self._write(record, sample, row, fractions, prompted)
+
+    def _write(self, record: SampleRecord, sample, row, fractions, prompted) -> None:
         self._open()  # only after the record passed every check
         if sample is not None:
             self._tar.write(sample)
@@ -100,12 +110,13 @@ class ShardWriter:
         """Finish the tar and manifest, rename them into place, then write the stats (last)."""
         if self._closed:
             raise RuntimeError(f"shard {self._stats.shard} is already closed")
-        self._open()  # an empty shard still gets its three files
-        self._tar.close()
-        _fsync_close(self._tar_file)
-        self._manifest.close()
-        os.replace(self.paths.tar_tmp, self.paths.tar)
-        os.replace(self.paths.manifest_tmp, self.paths.manifest)
+        with self.clock.timed("writing"):
+            self._open()  # an empty shard still gets its three files
+            self._tar.close()
+            _fsync_close(self._tar_file)
+            self._manifest.close()
+            os.replace(self.paths.tar_tmp, self.paths.tar)
+            os.replace(self.paths.manifest_tmp, self.paths.manifest)
         stats = self._finish_stats()
         self._write_stats(stats)
         self._closed = True
@@ -219,7 +230,9 @@ class ShardWriter:
         s.reasons = dict(sorted(self._reasons.items()))
         s.tar_bytes = self.paths.tar.stat().st_size
         s.manifest_bytes = self.paths.manifest.stat().st_size
-        s.seconds = round(time.perf_counter() - self._started, 6)
+        wall = self.clock.elapsed() if self._timed_whole_shard else time.perf_counter() - self._started
+        s.seconds = round(wall, 6)
+        s.time_split = self.clock.split(wall)
         self._coverage.fill(s)
         return s
 
@@ -234,14 +247,17 @@ def write_shard(
     records: Iterable[SampleRecord],
     image_format: str = "png",
     mtime: float = 0.0,
+    clock: StageClock | None = None,
 ) -> ShardStats:
     """Write shard `shard_id` from `records` (consumed lazily) and return its stats.
 
     Produces `shards/{shard}.tar` (accepted samples), `manifests/{shard}.parquet` (every record)
     and, last, `stats/{shard}_stats.json` in the run folder `run_dir`. Raises ValueError on a
-    malformed record; the shard then has no files.
+    malformed record; the shard then has no files. `clock`: the shard's StageClock (its start
+    is the shard's start; encoding and writing are added to it); without one, `seconds` counts
+    from the first record.
     """
-    writer = ShardWriter(run_dir, shard_id, image_format=image_format, mtime=mtime)
+    writer = ShardWriter(run_dir, shard_id, image_format=image_format, mtime=mtime, clock=clock)
     try:
         for record in records:
             writer.write(record)

@@ -96,12 +96,15 @@ def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int
     # recorded steps: capture never changes the images, so every window scores the same images.
     wanted = {label: e.capture_config(pipe.unet, latent_hw(pipe, 32, 32)) for label, e in extractors.items()
               if callable(getattr(e, "capture_config", None))}
-    windows = {w.steps for w in wanted.values()}
+    def window(c: CaptureConfig):
+        return c.steps, tuple(sorted((c.side_steps or {}).items()))
+
+    windows = {window(w) for w in wanted.values()}
     if len(wanted) < len(extractors):  # extractors without a capture config read everything, every step
-        windows.add((0.0, 1.0))
-    captures = {w: CaptureConfig(steps=w) for w in sorted(windows)}
+        windows.add(((0.0, 1.0), ()))
+    captures = {w: CaptureConfig(steps=w[0], side_steps=dict(w[1]) or None) for w in sorted(windows)}
     for w in wanted.values():
-        captures[w.steps].feature_modules.update(w.feature_modules)
+        captures[window(w)].feature_modules.update(w.feature_modules)
     items = eval_items(n, split)
     attns_by_window = {}
     for window, capture in captures.items():
@@ -111,7 +114,7 @@ def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int
     for m, ex in extractors.items():
         rows = {"single": [], "multi": []}
         accs, seconds = [], 0.0
-        attns = attns_by_window[wanted[m].steps if m in wanted else (0.0, 1.0)]
+        attns = attns_by_window[window(wanted[m]) if m in wanted else ((0.0, 1.0), ())]
         for img, it, attn, gt in zip(images, items, attns, truths):
             specs = class_specs(pipe.tokenizer, it)
             t0 = time.perf_counter()
