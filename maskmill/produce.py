@@ -14,6 +14,8 @@ CPU side. The batches and the output bytes are those of the serial loop (`overla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 from .capture import CaptureConfig
-from .config import FilterConfig, RunConfig
+from .config import ClipCheckConfig, FilterConfig, RunConfig
 from .extractors import ClassSpec, Extractor, MaskResult, get_extractor
 from .batch_feed import BatchFeed, Budget
 from .capture import SampleAttention
@@ -124,7 +126,7 @@ class GeneratedBatch(Generic[C]):
 def judged_samples(pipe, extractor: Extractor, candidates: Iterable[C], need: int, settings: GenerationSettings,
                    rules: FilterConfig, batch_size: int, generation_gate: GenerationGate | None = None,
                    require_mask: bool = False, overlap: bool = True,
-                   clock: StageClock | None = None) -> Iterator[Judged[C]]:
+                   clock: StageClock | None = None, prompt_classes: list[str] | None = None) -> Iterator[Judged[C]]:
     """Judged candidates, in order, until `need` are accepted or the candidates run out.
 
     Each batch asks for no more than the samples still missing, so no image is generated in vain
@@ -134,6 +136,8 @@ def judged_samples(pipe, extractor: Extractor, candidates: Iterable[C], need: in
     overlap: generate the next batch on a thread of its own while this one is extracted, judged
     and consumed (written) by the caller (batch_feed.BatchFeed: the same batches as without, at
     most two batches of maps in memory). `clock` gets the generation and extraction seconds.
+    With `rules.clip` set, each batch's accepted samples also pass the CLIP check (`clip_judged`);
+    `prompt_classes` are the texts their regions are scored against (default: the batch's classes).
     """
     gate = generation_gate or contextlib.nullcontext
     capture = capture_config_for(extractor, pipe, settings.height, settings.width)
@@ -156,19 +160,50 @@ def judged_samples(pipe, extractor: Extractor, candidates: Iterable[C], need: in
 
     budget = Budget(need, batch_size)
     feed = BatchFeed(make_batch, budget, ahead=overlap, on_wait=clock.add_wait)
+    clip = clip_check_for(rules.clip) if rules.clip is not None else None
     try:
         for generated in feed:
+            verdicts = []
             for k, (candidate, image) in enumerate(zip(generated.candidates, generated.images)):
                 with clock.timed("capture_extraction"):
                     result = extractor.extract(generated.attns[k], generated.specs[k], image)
                     generated.attns[k] = None  # this sample's maps are done with
                     names = [c.name for c in candidate.prompt.classes]
-                    reason = rejection_reason(image, result, names, rules, require_mask)
-                budget.judged(accepted=not reason)
-                yield Judged(candidate, image, result, reason)
-            del generated
+                    verdicts.append(Judged(candidate, image, result,
+                                           rejection_reason(image, result, names, rules, require_mask)))
+            if clip is not None:
+                with clock.timed("capture_extraction"):
+                    verdicts = clip_judged(clip, verdicts, prompt_classes)
+            for judged in verdicts:
+                budget.judged(accepted=judged.accepted)
+                yield judged
+            del generated, verdicts
     finally:
         feed.close()
+
+
+@functools.lru_cache(maxsize=2)
+def clip_check_for(config: ClipCheckConfig):
+    """The CLIP check of a config, its model loaded once per process."""
+    from .clipcheck import ClipCheck
+
+    return ClipCheck(config)
+
+
+def clip_judged(clip, verdicts: list[Judged[C]], prompt_classes: list[str] | None) -> list[Judged[C]]:
+    """The batch's verdicts after the CLIP check of every accepted sample's class regions (one batch
+    through the image encoder): a mismatch rejects the sample (`clip mismatch: <class>`) or, with
+    action "ignore", turns that class's pixels to 255."""
+    todo = [i for i, j in enumerate(verdicts) if j.accepted]
+    if not todo:
+        return verdicts
+    decisions = clip.check([verdicts[i].image for i in todo], [verdicts[i].result.labels for i in todo],
+                           [[c.name for c in verdicts[i].candidate.prompt.classes] for i in todo], prompt_classes)
+    out = list(verdicts)
+    for i, d in zip(todo, decisions):
+        j = verdicts[i]
+        out[i] = Judged(j.candidate, j.image, dataclasses.replace(j.result, labels=d.labels), "" if d.keep else d.reason)
+    return out
 
 
 def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor: Extractor,
@@ -177,7 +212,8 @@ def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor:
     """Records of one shard, accepted and rejected, until its quota of accepted samples is met."""
     ids = plan.class_ids()
     for judged in judged_samples(pipe, extractor, plan.candidates(shard_id), plan.quota(shard_id), settings_of(cfg),
-                                 cfg.filter, cfg.batch_size, generation_gate, overlap=overlap, clock=clock):
+                                 cfg.filter, cfg.batch_size, generation_gate, overlap=overlap, clock=clock,
+                                 prompt_classes=list(cfg.classes)):
         sample, result = judged.candidate, judged.result
         names = sample.class_names
         meta = build_meta(prompt=sample.prompt.text, seed=sample.seed, classes=names,

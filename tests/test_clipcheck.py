@@ -262,3 +262,29 @@ def test_run_config_takes_filter_clip_and_refuses_a_missing_model(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'filter.clip.model': CLIP model .*absent.safetensors.* not found") as e:
         load_config(tmp_path / "bad.yaml")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("action", ["reject", "ignore"])
+def test_the_run_applies_filter_clip_to_every_accepted_sample(tmp_path, action):
+    """A margin no region can reach (2.0) flags every class: rejected with the reason, or its pixels ignored."""
+    import pyarrow.parquet as pq
+
+    from maskmill.config import load_config
+    from maskmill.run.direct import run_direct
+    from maskmill.shards import iter_samples
+    from test_runner import save_tiny_pipeline, write_config
+
+    model = save_tiny_pipeline(tmp_path / "model")
+    clip = {"model": "shapes-clip", "min_margin": 2.0, "action": action}
+    cfg = load_config(write_config(tmp_path / "c.yaml", model, tmp_path / "run", filter__clip=clip,
+                                   filter__max_retries_factor=1.0))
+    run_direct(cfg, progress=False, finalize=False)
+    rows = pq.read_table(sorted((tmp_path / "run" / "manifests").glob("*.parquet"))).to_pylist()
+    assert rows, "no samples planned"
+    if action == "reject":
+        assert all(r["status"] == "rejected" and r["reason"].startswith("clip mismatch: ") for r in rows)
+    else:
+        samples = list(iter_samples(tmp_path / "run"))
+        assert samples and all(r["status"] == "accepted" for r in rows)
+        assert all(set(np.unique(s.mask)) <= {0, 255} for s in samples)  # every class region flagged -> ignored
+        assert any((s.mask == 255).any() for s in samples)
