@@ -36,6 +36,7 @@ from maskmill.shards import (
     write_shard,
 )
 from maskmill.shards import writer as writer_module
+from maskmill.shards.labels import class_color
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -416,7 +417,15 @@ def test_layout_paths_classes_and_completed_shards(tmp_path):
     assert layout.stats_path(3) == tmp_path / "run" / "stats" / "00003_stats.json"
     layout.write_classes(CLASSES)
     assert layout.read_classes() == CLASSES
-    assert json.loads(layout.classes_path.read_text()) == CLASSES
+    doc = json.loads(layout.classes_path.read_text())
+    assert doc["classes"] == CLASSES
+    assert doc["id2label"] == {"0": "background", "1": CLASSES[0], "2": CLASSES[1], "3": CLASSES[2], "255": "ignore"}
+    assert doc["palette"][0] == [0, 0, 0] and doc["palette"][1] == list(class_color(1)) and len(doc["palette"]) == 4
+    layout.classes_path.write_text(json.dumps(CLASSES))  # an older run's plain list still reads
+    assert layout.read_classes() == CLASSES
+    layout.classes_path.write_text(json.dumps({"id2label": {}}))
+    with pytest.raises(ValueError, match="expected"):
+        layout.read_classes()
     with pytest.raises(ValueError, match="duplicate"):
         layout.write_classes(["a", "a"])
     layout.stats_path(7).write_text("{}")  # stats without a tar is not complete

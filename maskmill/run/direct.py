@@ -20,8 +20,6 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
-from tqdm.auto import tqdm
-
 from ..config import RunConfig
 from ..extractors import get_extractor
 from ..models import load_pipeline
@@ -30,6 +28,7 @@ from ..shards.layout import RunLayout
 from .claim import produce_claimed
 from .folder import pending_shards, prepare_run, run_root
 from .pipelines import worker_device
+from .progress import RunProgress
 from .summary import finalize_run, summarize_run
 
 
@@ -53,21 +52,13 @@ def run_direct(cfg: RunConfig, config_path: str | os.PathLike | None = None, sha
         if on_ready is not None:
             on_ready()
         plan = RunPlan(cfg)
-        bar = tqdm(total=sum(plan.quota(s) for s in pending), unit="sample", desc=f"{layout.root.name}",
-                   disable=not progress, dynamic_ncols=True)
-
-        def tick(n: int = 1) -> None:
-            if bar.n + n > bar.total:  # rejected samples are made up from further indices
-                bar.total = bar.n + n
-            bar.update(n)
-
-        try:
+        progress_display = RunProgress(total=sum(plan.quota(s) for s in pending), name=layout.root.name,
+                                       enabled=progress)
+        with progress_display:
             for sid in pending:
-                outcome = produce_claimed(cfg, layout, sid, pipe, extractor, progress=tick)
+                outcome = produce_claimed(cfg, layout, sid, pipe, extractor, progress=progress_display.update)
                 (written if outcome["status"] == "written" else busy if outcome["status"] == "busy" else []).append(sid)
-                bar.set_postfix_str(f"shard {sid} {outcome['status']}", refresh=False)
-        finally:
-            bar.close()
+                progress_display.note(f"shard {sid} {outcome['status']}")
     elif on_ready is not None:
         on_ready()
     summary = summarize_run(layout.root)
