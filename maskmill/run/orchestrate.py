@@ -1,4 +1,5 @@
-"""The one place the library reaches up to the Prefect layer: choose the flow or the direct runner.
+"""The one place the library reaches up to the Prefect layer: choose the flow or the direct runner,
+serve a job on a schedule, build prototype banks through their flow.
 
     summary = generate(cfg, "configs/shapes.yaml", overrides)               # the Prefect flow
     summary = generate(cfg, "configs/shapes.yaml", overrides, direct=True)  # run_direct, no Prefect
@@ -55,8 +56,49 @@ def generate(cfg: RunConfig, config_path: str | os.PathLike, overrides: Iterable
                             slice_shards=slice_shards)
 
 
-def serve(config_path: str, cron: str, name: str, overrides: Iterable[str] = ()) -> None:
-    """Serve the generate deployment on a cron schedule (blocks)."""
-    from flows.scheduled import serve as serve_flow
+SERVE_JOBS = ("generate", "prototypes")
 
-    serve_flow(config_path=config_path, cron=cron, name=name, overrides=list(overrides))
+
+def check_serve(job: str, config_path: str, cron: str, overrides: Iterable[str] = ()):
+    """The validated config of a job to serve (RunConfig or BankBuildConfig), after checking the cron
+    schedule with Prefect's own check: ConfigError / ValueError (one line) before anything is served."""
+    from flows.scheduled import check_cron
+
+    if job not in SERVE_JOBS:
+        raise ValueError(f"unknown job {job!r}; choose one of {', '.join(SERVE_JOBS)}")
+    check_cron(cron)
+    if job == "generate":
+        from ..config import load_config
+        from .folder import check_run_folder
+
+        cfg = load_config(config_path, list(overrides))
+        check_run_folder(cfg)
+        return cfg
+    from ..prototypes.build_config import load_bank_build_config
+
+    cfg = load_bank_build_config(config_path, list(overrides))
+    cfg.check_sources()
+    return cfg
+
+
+def serve(config_path: str, cron: str, name: str | None = None, overrides: Iterable[str] = (),
+          job: str = "generate") -> None:
+    """Serve the `job` deployment (dataset generation or prototype banks) on a cron schedule (blocks).
+    Refuses a bad cron or config before serving (see `check_serve`)."""
+    cfg = check_serve(job, config_path, cron, overrides)
+    if job == "generate":
+        from flows.scheduled import serve as serve_flow
+
+        serve_flow(config_path=config_path, cron=cron, name=name or "maskmill-nightly", overrides=list(overrides))
+    else:
+        from flows.scheduled import serve_prototypes
+
+        serve_prototypes(cfg, cron=cron, name=name or "maskmill-banks")
+
+
+def build_prototypes(config) -> dict[str, Any]:
+    """Run the build_prototypes flow on a BankBuildConfig (sources checked first); returns its summary."""
+    config.check_sources()
+    from flows.build_prototypes import build_prototypes as build_flow
+
+    return build_flow(config)
