@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TextIO
 
 PROGRESS_EVERY_SECONDS = 30.0  # a line at least this often when not on a terminal (and at each 10 %)
-PROGRESS_STEP = 0.1
+PROGRESS_STEPS = 10  # ... and a line at each further tenth of the run
 
 
 def progress_line(name: str, done: int, total: int, seconds: float, initial: int = 0) -> str:
@@ -42,9 +42,8 @@ class RunProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.every_seconds, self._clock = every_seconds, clock
         self._t0 = self._last_line = clock()
-        self._next_step = PROGRESS_STEP
-        while self.total and self._next_step <= self.done / self.total:
-            self._next_step += PROGRESS_STEP
+        self._next_step = 1  # the next step (of PROGRESS_STEPS) that prints a line; integers, no float drift
+        self._skip_reached_steps()
         self._bar = None
         self._lines = enabled and not _is_tty(self.stream)
         if enabled and not self._lines:
@@ -63,11 +62,16 @@ class RunProgress:
             self._bar.update(n)
         elif self._lines:
             now = self._clock()
-            fraction = self.done / self.total if self.total else 1.0
-            if fraction >= self._next_step or now - self._last_line >= self.every_seconds:
+            if self._step_reached() or now - self._last_line >= self.every_seconds:
                 self._print(now)
-                while self._next_step <= fraction:
-                    self._next_step += PROGRESS_STEP
+                self._skip_reached_steps()
+
+    def _step_reached(self) -> bool:
+        return self._next_step <= PROGRESS_STEPS and self.done * PROGRESS_STEPS >= self._next_step * self.total
+
+    def _skip_reached_steps(self) -> None:
+        while self._step_reached():
+            self._next_step += 1
 
     def note(self, text: str) -> None:
         """A short status beside the bar (e.g. the shard just finished); lines mode prints nothing extra."""
