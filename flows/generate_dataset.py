@@ -1,4 +1,4 @@
-"""The `generate_dataset` flow: plan -> produce shards (mapped) -> validate -> preview -> summary.
+"""The `generate_dataset` flow: plan -> produce shards (mapped) -> validate -> preview -> card -> summary.
 
     from flows.generate_dataset import generate_dataset
     summary = generate_dataset("configs/shapes.yaml", overrides=["steps=10"])

@@ -83,3 +83,36 @@ def serve_prototypes(config, cron: str = DEFAULT_CRON, name: str = "maskmill-ban
     from prefect import serve as prefect_serve
 
     prefect_serve(build_prototypes_deployment(config, cron, name), pause_on_shutdown=False, limit=limit)
+
+
+SERVE_JOBS = ("generate", "prototypes")
+
+
+def check_serve(job: str, config_path: str, cron: str, overrides: list[str] | None = None):
+    """The job's validated config (RunConfig or BankBuildConfig) once the cron passes `check_cron`;
+    ConfigError / ValueError (one line) otherwise, before anything is served."""
+    if job not in SERVE_JOBS:
+        raise ValueError(f"unknown job {job!r}; choose one of {', '.join(SERVE_JOBS)}")
+    check_cron(cron)
+    if job == "generate":
+        from maskmill.config import load_config
+        from maskmill.run.folder import check_run_folder
+
+        cfg = load_config(config_path, list(overrides or []))
+        check_run_folder(cfg)  # a folder holding another config's run
+        return cfg
+    from maskmill.prototypes.build_config import load_bank_build_config
+
+    cfg = load_bank_build_config(config_path, list(overrides or []))
+    cfg.check_sources()
+    return cfg
+
+
+def serve_job(job: str, config_path: str, cron: str = DEFAULT_CRON, name: str | None = None,
+              overrides: list[str] | None = None) -> None:
+    """Check, then serve `job` ("generate" or "prototypes") on `cron` until interrupted."""
+    cfg = check_serve(job, config_path, cron, overrides)
+    if job == "generate":
+        serve(config_path=config_path, cron=cron, name=name or "maskmill-nightly", overrides=list(overrides or []))
+    else:
+        serve_prototypes(cfg, cron=cron, name=name or "maskmill-banks")

@@ -36,11 +36,12 @@ def run_direct(cfg: RunConfig, config_path: str | os.PathLike | None = None, sha
                device: str | None = None, progress: bool = True, finalize: bool = True,
                on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
     """The whole run without Prefect: prepare, produce every pending shard this worker can claim,
-    then (with `finalize`, once every shard is complete) validate and write the contact sheet.
+    then (with `finalize`, once every shard is complete) validate, write the contact sheet and the dataset card.
+    Progress: one display for the run (`RunProgress`: a bar on a terminal, lines otherwise).
 
     The pipeline is loaded once, and only if there is work. `on_ready` is called after loading
     (tests use it to time kills). Returns `summarize_run`'s dict plus written/busy shard ids,
-    `valid`, `contact_sheet` and `seconds`.
+    `valid`, `contact_sheet`, `card` and `seconds`.
     """
     t0 = time.perf_counter()
     layout = prepare_run(cfg, config_path)
@@ -62,7 +63,8 @@ def run_direct(cfg: RunConfig, config_path: str | os.PathLike | None = None, sha
     elif on_ready is not None:
         on_ready()
     summary = summarize_run(layout.root)
-    summary.update(written=written, busy=busy, valid=None, contact_sheet=None, loaded_pipeline=bool(pending))
+    summary.update(written=written, busy=busy, valid=None, contact_sheet=None, card=None,
+                   loaded_pipeline=bool(pending))
     if finalize and summary["complete"]:
         summary.update(finalize_run(layout.root))
     summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -110,7 +112,7 @@ def run_distributed(cfg: RunConfig, config_path: str | os.PathLike,
     if not state.is_main_process:
         return None
     summary = summarize_run(layout.root)
-    summary.update(processes=state.num_processes, valid=None, contact_sheet=None)
+    summary.update(processes=state.num_processes, valid=None, contact_sheet=None, card=None)
     if summary["complete"]:
         summary.update(finalize_run(layout.root))
     return summary

@@ -56,44 +56,21 @@ def generate(cfg: RunConfig, config_path: str | os.PathLike, overrides: Iterable
                             slice_shards=slice_shards)
 
 
-SERVE_JOBS = ("generate", "prototypes")
-
-
 def check_serve(job: str, config_path: str, cron: str, overrides: Iterable[str] = ()):
-    """The validated config of a job to serve (RunConfig or BankBuildConfig), after checking the cron
-    schedule with Prefect's own check: ConfigError / ValueError (one line) before anything is served."""
-    from flows.scheduled import check_cron
+    """The validated config of a job to serve, after Prefect's own cron check (flows/scheduled.py):
+    ConfigError / ValueError, one line, before anything is served."""
+    from flows.scheduled import check_serve as check
 
-    if job not in SERVE_JOBS:
-        raise ValueError(f"unknown job {job!r}; choose one of {', '.join(SERVE_JOBS)}")
-    check_cron(cron)
-    if job == "generate":
-        from ..config import load_config
-        from .folder import check_run_folder
-
-        cfg = load_config(config_path, list(overrides))
-        check_run_folder(cfg)
-        return cfg
-    from ..prototypes.build_config import load_bank_build_config
-
-    cfg = load_bank_build_config(config_path, list(overrides))
-    cfg.check_sources()
-    return cfg
+    return check(job, config_path, cron, list(overrides))
 
 
 def serve(config_path: str, cron: str, name: str | None = None, overrides: Iterable[str] = (),
           job: str = "generate") -> None:
-    """Serve the `job` deployment (dataset generation or prototype banks) on a cron schedule (blocks).
-    Refuses a bad cron or config before serving (see `check_serve`)."""
-    cfg = check_serve(job, config_path, cron, overrides)
-    if job == "generate":
-        from flows.scheduled import serve as serve_flow
+    """Serve the `job` deployment ("generate": dataset generation, "prototypes": prototype banks) on a
+    cron schedule (blocks); a bad cron or config is refused first."""
+    from flows.scheduled import serve_job
 
-        serve_flow(config_path=config_path, cron=cron, name=name or "maskmill-nightly", overrides=list(overrides))
-    else:
-        from flows.scheduled import serve_prototypes
-
-        serve_prototypes(cfg, cron=cron, name=name or "maskmill-banks")
+    serve_job(job, config_path, cron, name, list(overrides))
 
 
 def build_prototypes(config) -> dict[str, Any]:

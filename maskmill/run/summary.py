@@ -1,4 +1,4 @@
-"""Finishing a run: counts over its completed shards, validation, and the contact sheet."""
+"""Finishing a run: counts over its completed shards, validation, the contact sheet and the dataset card."""
 from __future__ import annotations
 
 import os
