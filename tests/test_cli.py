@@ -186,3 +186,4 @@ def test_export_command_round_trips(runs, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(Image.open(out / "ann_dir" / split / f"{s.key}.png")), s.mask)
     meta = json.loads((out / "metainfo.json").read_text())
     assert meta["classes"][0] == "background" and len(meta["palette"]) == len(meta["classes"])
+
