@@ -303,7 +303,7 @@ def test_quality_filter_rejects_records_and_makes_up_deterministically(tmp_path,
                                      shard_size=12, filter__max_retries_factor=1.0, batch_size=4))
     run_direct(probe, tmp_path / "p.yaml", progress=False, finalize=False)
     rows = pq.read_table(RunLayout(probe.output).manifest_path(0)).to_pylist()
-    conf = {r["index"]: json.loads(r["confidence"])[0] for r in rows}
+    conf = {r["index"]: r["confidence"][0] for r in rows}
     assert len(conf) == 12 and all(r["status"] == "accepted" for r in rows)
     quota = 4
     thr = _threshold(conf, quota)
