@@ -1,4 +1,4 @@
-"""The `generate_dataset` flow: plan -> produce shards (mapped) -> validate -> preview -> summary.
+"""The `generate_dataset` flow: plan -> produce shards (mapped) -> validate -> preview -> card -> summary.
 
     from flows.generate_dataset import generate_dataset
     summary = generate_dataset("configs/shapes.yaml", overrides=["steps=10"])
@@ -13,7 +13,8 @@ the run to some shards (accelerate ranks, several workers splitting one run): va
 the contact sheet then wait for the run to be complete.
 
 Artifacts (keys from the run folder's name, e.g. "maskmill-shapes-demo-..."):
-- `...-progress`: percentage of the run's shards complete, updated as shards finish;
+- `...-progress`: percentage of the run complete: by planned samples after every batch (shards
+  written by this process), by shards as fan-out slices finish;
 - `...-shards`: table of per-shard stats (accepted, rejected, records, bytes, seconds, top reason);
 - `...-summary`: markdown with the totals and where the shards and the contact sheet are.
 """
@@ -47,6 +48,7 @@ from tasks import (  # noqa: E402
     summarize_run,
     task_tags,
     validate_run_task,
+    write_card,
     write_preview,
 )
 
@@ -83,15 +85,22 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)  # a bad config fails here, before any task
     run_dir = str(run_root(cfg))
-    num_shards = RunPlan(cfg).num_shards
-    considered = num_shards if shard_ids is None else len(set(shard_ids))
+    plan = RunPlan(cfg)
+    num_shards = plan.num_shards
+    considered_ids = list(range(num_shards)) if shard_ids is None else sorted(set(shard_ids))
+    considered = len(considered_ids)
 
     pending = plan_run(config_path, overrides, shard_ids)
     log.info("%s: %d of %d shards to write", run_dir, len(pending), considered)
-    done = considered - len(pending)
+    planned = sum(plan.quota(s) for s in considered_ids)
+    finished = [s for s in considered_ids if s not in pending]  # by planned samples, as the shard tasks report
+
+    def percent_done() -> float:
+        return _percent(sum(plan.quota(s) for s in finished), planned)
+
     progress_id = create_progress_artifact(
-        progress=_percent(done, considered), key=artifact_key(run_dir, "progress"),
-        description=f"Shards of {run_dir} complete ({considered} considered)")
+        progress=percent_done(), key=artifact_key(run_dir, "progress"),
+        description=f"Planned samples of {run_dir} done ({considered} shards considered)")
 
     # Shard tasks read the run's frozen, resolved config.yaml (written by plan_run), not the
     # source file: editing configs/... while this run goes on cannot change it halfway.
@@ -103,10 +112,9 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
         from flows.fanout import run_slices, split_slices
 
         def slice_done(run) -> None:
-            nonlocal done
-            done += len(run.shard_ids)
+            finished.extend(run.shard_ids)
             outcomes.update({sid: {"status": "written"} for sid in run.shard_ids})
-            update_progress_artifact(progress_id, progress=_percent(done, considered))
+            update_progress_artifact(progress_id, progress=percent_done())
 
         report = run_slices(fan_out, frozen, split_slices(pending, slice_shards), on_done=slice_done,
                             log=log.info)
@@ -116,7 +124,8 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
     else:
         tags = task_tags()  # MASKMILL_TASK_TAGS=gpu: for a tag-based task concurrency limit
         produce = produce_shard_task.with_options(tags=tags) if tags else produce_shard_task
-        futures = produce.map(frozen, unmapped([]), pending)
+        progress_to = {"artifact_id": str(progress_id), "shard_ids": considered_ids}
+        futures = produce.map(frozen, unmapped([]), pending, progress_to=unmapped(progress_to))
         shard_of = {id(f): sid for f, sid in zip(futures, pending)}
         for fut in as_completed(futures):
             sid = shard_of[id(fut)]
@@ -127,8 +136,8 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
                 log.error("shard %d failed: %s", sid, failed[sid])
                 continue
             if outcomes[sid]["status"] in ("written", "complete"):
-                done += 1
-            update_progress_artifact(progress_id, progress=_percent(done, considered))
+                finished.append(sid)
+            update_progress_artifact(progress_id, progress=percent_done())
 
     summary = summarize_run(run_dir)
     this_run = {sid: o["status"] for sid, o in outcomes.items()}
@@ -143,15 +152,16 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
         listed = "; ".join(f"shards {ids}: {err}" for err, ids in by_error.items())
         raise RuntimeError(f"{len(failed)} shard(s) failed after retries ({listed}); rerun to redo them")
 
-    valid, sheet = None, None
+    valid, sheet, card = None, None, None
     if summary["complete"]:
         report = validate_run_task(run_dir)
         valid = report["ok"]
         if not valid:
             raise RuntimeError(f"{run_dir} did not validate:\n{report['summary']}")
         sheet = write_preview(run_dir) if report["samples"] else None
+        card = write_card(run_dir)
     result = {
-        "run_dir": run_dir, "shards_dir": summary["shards_dir"], "contact_sheet": sheet,
+        "run_dir": run_dir, "shards_dir": summary["shards_dir"], "contact_sheet": sheet, "card": card,
         "accepted": summary["accepted"], "rejected": summary["rejected"], "shards": summary["shards"],
         "num_shards": summary["num_shards"], "planned": summary["planned"], "shortfall": summary["shortfall"],
         "reasons": summary["reasons"], "complete": summary["complete"], "valid": valid,
@@ -166,6 +176,6 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
                   f"- shards: `{result['shards_dir']}` ({result['shards']}/{result['num_shards']} complete)\n"
                   f"- samples: {result['accepted']} accepted, {result['rejected']} rejected "
                   f"(planned {result['planned']})\n"
-                  f"- contact sheet: `{sheet}`\n- written by this flow run: {result['written']}\n"),
+                  f"- contact sheet: `{sheet}`\n- dataset card: `{card}`\n- written by this flow run: {result['written']}\n"),
         description="Where the shards and the contact sheet are")
     return result

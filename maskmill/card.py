@@ -45,7 +45,9 @@ def _feature(value: Any) -> dict[str, Any]:
 
 def features(layout: RunLayout, names: list[str]) -> list[dict[str, Any]]:
     """Features of the first sample's fields; `json.classes` as a ClassLabel of the mask ids."""
-    first = next(iter(raw_samples(layout.tar_path(layout.completed_shards()[0]))))
+    first = next((s for sid in layout.completed_shards() for s in raw_samples(layout.tar_path(sid))), None)
+    if first is None:  # every sample rejected: nothing to type
+        return []
     meta = json.loads(first["json"])
     meta_feats = []
     for k, v in meta.items():

@@ -83,6 +83,9 @@ class RunConfig(_Strict):
     shard_size: PositiveInt = 256
     image_format: Literal["png", "jpg"] = "png"
     output: str = "outputs/run"
+    # The images are the generating model's output, so its licence binds them: the dataset card's
+    # `license` (a Hugging Face licence id, e.g. creativeml-openrail-m for SD 1.5; "other" if none fits).
+    license: str = Field("other", min_length=1, description="licence id written into the dataset card")
 
     @field_validator("classes")
     @classmethod
@@ -125,8 +128,8 @@ class RunConfig(_Strict):
         return self.images_per_class * len(self.classes)
 
     def fingerprint(self) -> str:
-        """Identity of what a run produces: everything but the output folder and the batch size."""
-        d = self.model_dump(exclude={"output", "batch_size"})
+        """Identity of what a run produces: everything but the output folder, the batch size and the licence."""
+        d = self.model_dump(exclude={"output", "batch_size", "license"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -25,10 +25,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .preview import class_color
+from .shards.labels import label_metadata
 from .shards.layout import RunLayout
 from .shards.reader import raw_samples
-from .shards.records import IGNORE
 from .shards.encode import MASK_FIELD
 
 FORMATS = ("mmseg", "folder")
@@ -52,15 +51,6 @@ def split_of(key: str, val_fraction: float, seed: int) -> str:
     """'val' for a seeded-hash share `val_fraction` of keys, else 'train'."""
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
-
-
-def label_metadata(classes: list[str]) -> dict:
-    """Class names with background first, id2label (with the ignore id) and the contact sheet's palette."""
-    names = ["background", *classes]
-    id2label = {str(i): n for i, n in enumerate(names)}
-    id2label[str(IGNORE)] = "ignore"
-    palette = [[0, 0, 0]] + [list(class_color(k)) for k in range(1, len(names))]
-    return {"classes": names, "id2label": id2label, "palette": palette, "ignore_index": IGNORE}
 
 
 def _dirs(out: Path, fmt: str, split: str) -> tuple[Path, Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -82,9 +83,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _NoTorchvisionFallbackNote(logging.Filter):
+    """Drops transformers' note that an image processor falls back to PIL without torchvision: maskmill
+    never installs torchvision and loads no image processor it uses, so the note is noise in every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """A quiet console inside a run: no loading bars from diffusers or transformers, no torchvision note.
+    Warnings and errors otherwise still show. Idempotent; called before every pipeline load."""
+    import diffusers
+    import transformers
+
+    note_logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoTorchvisionFallbackNote) for f in note_logger.filters):
+        note_logger.addFilter(_NoTorchvisionFallbackNote())
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(model: str = DEFAULT_MODEL, scheduler: str | None = None, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None):
     """Load an SD 1.x / 2.x / XL pipeline offline; fp16 on CUDA, fp32 on CPU unless `dtype` says otherwise."""
+    quiet_libraries()
     import diffusers
 
     if scheduler is not None and scheduler not in SCHEDULERS:

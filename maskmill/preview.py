@@ -9,7 +9,6 @@ pixels stay visible; large ones are shrunk to the tile.
 """
 from __future__ import annotations
 
-import colorsys
 import math
 import os
 from pathlib import Path
@@ -19,14 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from maskmill.shards.layout import RunLayout
 from maskmill.shards.reader import DecodedSample, iter_samples
+from maskmill.shards.labels import class_color
 from maskmill.shards.records import BACKGROUND, IGNORE
 
-# Bright, mutually distinct colours that stay legible as text on the dark sheet.
-_PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (67, 99, 216), (245, 130, 49), (145, 30, 180),
-    (66, 212, 244), (240, 50, 230), (191, 239, 69), (250, 190, 212), (70, 153, 144), (220, 190, 255),
-    (154, 99, 36), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 216, 177),
-]
 SHEET_BG = (28, 28, 28)
 TEXT = (235, 235, 235)
 ABSENT_TEXT = (130, 130, 130)  # a prompted class that got no pixels
@@ -34,15 +28,6 @@ HATCH = ((105, 105, 105), (175, 175, 175))  # the two greys of the ignore stripe
 OVERLAY_ALPHA = 0.5
 PAD = 4
 TEXT_LINES = 3  # the key, then up to two lines of class names
-
-
-def class_color(class_id: int) -> tuple[int, int, int]:
-    """A fixed colour per class id: the palette first, then golden-ratio hues."""
-    if class_id <= len(_PALETTE):
-        return _PALETTE[class_id - 1]
-    hue = (class_id * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def _fit(image: np.ndarray, mask: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:

@@ -48,9 +48,40 @@ def generation_gate():
     return lambda: concurrency(name, occupy=1, strict=False)
 
 
+def run_progress(cfg, layout, shard_id: int, progress_to: dict[str, Any] | None):
+    """The progress callback of one shard task: the run's overall display (a bar on a terminal, lines
+    otherwise) and, given `progress_to` = {"artifact_id", "shard_ids"} from the flow, the flow's progress
+    artifact updated after every batch, as the percentage of the considered shards' planned samples."""
+    from maskmill.plan import RunPlan
+    from maskmill.run.progress import RunProgress
+
+    plan = RunPlan(cfg)
+    considered = (progress_to or {}).get("shard_ids") or [shard_id]
+    total = sum(plan.quota(s) for s in considered)
+    before = sum(plan.quota(s) for s in considered if s != shard_id and layout.is_complete(s))
+    display = RunProgress(total=total, name=layout.root.name, initial=before)
+    artifact_id = (progress_to or {}).get("artifact_id")
+    done_here = 0
+
+    def update(n: int = 1) -> None:
+        nonlocal done_here
+        done_here += n
+        display.update(n)
+        quota = plan.quota(shard_id)
+        if artifact_id and (done_here % cfg.batch_size == 0 or done_here >= quota):  # once per batch
+            from prefect.artifacts import update_progress_artifact
+
+            pct = 100.0 * min(before + done_here, total) / total if total else 100.0
+            with contextlib.suppress(Exception):  # a progress report never fails the shard
+                update_progress_artifact(artifact_id, progress=round(pct, 2))
+
+    return display, update
+
+
 @task(name="produce-shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="shard-{shard_id}")
-def produce_shard_task(config_path: str, overrides: list[str] | None, shard_id: int, claim: bool = True) -> dict[str, Any]:
+def produce_shard_task(config_path: str, overrides: list[str] | None, shard_id: int, claim: bool = True,
+                       progress_to: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate, extract, filter and write shard `shard_id` of the run described by the config.
 
     Claims the shard's lock first: returns {"status": "busy"} if another live worker holds it,
@@ -58,18 +89,14 @@ def produce_shard_task(config_path: str, overrides: list[str] | None, shard_id: 
     ({"status": "written", "accepted", "rejected", ...}). A failed attempt leaves no files of the
     shard; a retry (or a later rerun) redoes it from scratch, with the same samples.
     `claim=False` skips the lock file (fan-out slices: Prefect assigns each shard, see flows/fanout.py).
+    `progress_to` ({"artifact_id", "shard_ids"}): the flow's progress artifact, updated per batch.
     """
-    from tqdm.auto import tqdm
-
-    from maskmill.plan import RunPlan
-
     cfg = load_config(config_path, overrides or [])
     layout = prepare_run(cfg, config_path, clean=False)
     worker = cached_pipeline(cfg.model, cfg.scheduler)
-    # a bar on a terminal (disable=None: off when stderr is not a TTY, e.g. under a worker)
-    with worker.lock, tqdm(total=RunPlan(cfg).quota(shard_id), desc=f"shard {shard_id}", unit="sample",
-                           leave=False, disable=None) as bar:
-        outcome = produce_claimed(cfg, layout, shard_id, worker.pipe, progress=bar.update,
+    display, update = run_progress(cfg, layout, shard_id, progress_to)
+    with worker.lock, display:
+        outcome = produce_claimed(cfg, layout, shard_id, worker.pipe, progress=update,
                                   generation_gate=generation_gate(), claim=claim)
     with contextlib.suppress(Exception):  # no run context when called as a plain function (.fn)
         get_run_logger().info("shard %s: %s", shard_id, outcome)

@@ -6,6 +6,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from maskmill.card import write_dataset_card
 from maskmill.run import summary as run_summary
 from maskmill.shards.validate import validate_run
 
@@ -22,6 +23,12 @@ def validate_run_task(run_dir: str) -> dict[str, Any]:
 def write_preview(run_dir: str, max_samples: int = 64) -> str:
     """Write `run_dir/contact_sheet.png` (images with mask overlays and class names); returns its path."""
     return str(run_summary.write_contact_sheet(run_dir, max_samples=max_samples))
+
+
+@task(name="write-card", cache_policy=NO_CACHE)
+def write_card(run_dir: str) -> str:
+    """Write `run_dir/README.md`, the run's dataset card (maskmill.card); returns its path."""
+    return str(write_dataset_card(run_dir))
 
 
 @task(name="summarize-run", cache_policy=NO_CACHE)

@@ -56,7 +56,7 @@ def harness():
     """One Prefect test server for the module's flow runs (starting one takes ~6 s)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):  # as tests/test_flows.py: slow on a busy machine
+    with prefect_test_harness(server_startup_timeout=120):  # a loaded machine can take over 30 s
         yield
 
 
@@ -168,3 +168,22 @@ def test_flow_generate_support_end_to_end(harness, model_dir, tmp_path):
     bank = load_bank(first["bank_path"])
     assert set(bank.classes) == {"star", "circle"} and set(SHAPES) >= set(bank.classes)
     assert all(k.startswith("gen-") for m in bank.meta for k in m.support_keys)
+
+
+def test_cli_prototypes_build_runs_the_flow_from_a_config_file(harness, run_dir, model_dir, tmp_path, capsys):
+    """`maskmill prototypes build --config FILE` (flags over the file's keys) runs this flow."""
+    import json
+
+    import yaml
+
+    from maskmill.cli import main
+
+    config = tmp_path / "banks.yaml"
+    config.write_text(yaml.safe_dump({"classes": ["circle", "square"], "model": str(model_dir), "support": str(run_dir),
+                                      "n_support": 3, "k_parts": 4, "cache_root": str(tmp_path / "cache")}))
+    bank = tmp_path / "bank.safetensors"
+    assert main(["prototypes", "build", "--config", str(config), "--out", str(bank)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["built"] == ["circle", "square"] and summary["bank_path"] == str(bank)
+    fg_classes = {m.class_name for m in load_bank(bank).meta if m.side == "fg"}
+    assert fg_classes == {"circle", "square"}

@@ -111,7 +111,7 @@ def test_same_config_same_bytes_rerun_no_work_and_refusal(tmp_path, tiny_model, 
         assert pq.read_table(la.manifest_path(sid)).equals(pq.read_table(lb.manifest_path(sid)))
     # the run folder: classes, the resolved config (loadable) and its fingerprint
     root = Path(a["run_dir"])
-    assert json.loads((root / "classes.json").read_text()) == cfg_a.classes
+    assert json.loads((root / "classes.json").read_text())["classes"] == cfg_a.classes
     assert load_config(root / CONFIG_COPY).fingerprint() == cfg_a.fingerprint()
     assert cfg_a.fingerprint() in (root / CONFIG_COPY).read_text()
     assert json.loads((root / RUN_INFO).read_text())["fingerprint"] == cfg_a.fingerprint()
@@ -303,7 +303,7 @@ def test_quality_filter_rejects_records_and_makes_up_deterministically(tmp_path,
                                      shard_size=12, filter__max_retries_factor=1.0, batch_size=4))
     run_direct(probe, tmp_path / "p.yaml", progress=False, finalize=False)
     rows = pq.read_table(RunLayout(probe.output).manifest_path(0)).to_pylist()
-    conf = {r["index"]: json.loads(r["confidence"])[0] for r in rows}
+    conf = {r["index"]: r["confidence"][0] for r in rows}
     assert len(conf) == 12 and all(r["status"] == "accepted" for r in rows)
     quota = 4
     thr = _threshold(conf, quota)

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -36,6 +37,7 @@ from maskmill.shards import (
     write_shard,
 )
 from maskmill.shards import writer as writer_module
+from maskmill.shards.labels import class_color
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -237,9 +239,36 @@ def test_manifest_lists_every_record_with_identical_columns(tmp_path):
     assert rejected["reason"] == "low confidence" and rejected["foreground_fraction"] is None
     first = rows[0]
     assert first["prompt"] == "a circle" and first["seed"] == 0 and first["width"] == SIZE
-    assert json.loads(first["classes"]) == ["circle"] and json.loads(first["class_ids"]) == [1]
+    assert first["classes"] == ["circle"] and first["class_ids"] == [1]
     assert first["foreground_fraction"] == pytest.approx(144 / SIZE**2)
     assert json.loads(first["meta"])["extractor_params"] == {"threshold": 0.3}
+
+
+def test_manifest_columns_are_typed_and_one_glob_reads_every_shard(tmp_path):
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    write_shard(tmp_path, 0, make_records(0, 8))
+    write_shard(tmp_path, 1, make_records(1, 3, reject_every=0))
+    schema = pq.read_schema(tmp_path / "manifests" / "00000.parquet")
+    assert schema.field("classes").type == pa.list_(pa.string())
+    assert schema.field("class_ids").type == pa.list_(pa.int32())
+    assert schema.field("confidence").type == pa.list_(pa.float64())
+    table = ds.dataset(str(tmp_path / "manifests"), format="parquet").to_table()
+    assert table.num_rows == 11 and sorted(table.column("index").to_pylist()) == [*range(8), *range(100, 103)]
+    frame = pd.read_parquet(tmp_path / "manifests")  # pandas over the folder, through pyarrow.dataset
+    assert len(frame) == 11 and list(frame.loc[frame["index"] == 0, "classes"].iloc[0]) == ["circle"]
+    conf = frame.loc[frame["index"] == 1, "confidence"].iloc[0]
+    assert conf.dtype == np.float64 and len(conf) == 1
+    accepted = frame[frame["status"] == "accepted"]
+    assert set(accepted["classes"].map(tuple)) == {("circle",), ("square",)}
+
+
+def test_manifest_row_refuses_a_non_list_of_classes(tmp_path):
+    records = list(make_records(0, 1, reject_every=0))
+    records[0].meta["confidence"] = "0.9"
+    with pytest.raises(ValueError, match="confidence.*list of float"):
+        write_shard(tmp_path, 0, records)
 
 
 def test_stats_count_reasons_bytes_and_coverage(tmp_path):
@@ -416,7 +445,15 @@ def test_layout_paths_classes_and_completed_shards(tmp_path):
     assert layout.stats_path(3) == tmp_path / "run" / "stats" / "00003_stats.json"
     layout.write_classes(CLASSES)
     assert layout.read_classes() == CLASSES
-    assert json.loads(layout.classes_path.read_text()) == CLASSES
+    doc = json.loads(layout.classes_path.read_text())
+    assert doc["classes"] == CLASSES
+    assert doc["id2label"] == {"0": "background", "1": CLASSES[0], "2": CLASSES[1], "3": CLASSES[2], "255": "ignore"}
+    assert doc["palette"][0] == [0, 0, 0] and doc["palette"][1] == list(class_color(1)) and len(doc["palette"]) == 4
+    layout.classes_path.write_text(json.dumps(CLASSES))  # an older run's plain list still reads
+    assert layout.read_classes() == CLASSES
+    layout.classes_path.write_text(json.dumps({"id2label": {}}))
+    with pytest.raises(ValueError, match="expected"):
+        layout.read_classes()
     with pytest.raises(ValueError, match="duplicate"):
         layout.write_classes(["a", "a"])
     layout.stats_path(7).write_text("{}")  # stats without a tar is not complete

@@ -176,23 +176,19 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
-def config_from_args(argv: list[str] | None = None, prog: str | None = None) -> BankBuildConfig:
-    """The bank build config from `--config` (optional) with the command's options and `--set` applied
-    (`python -m flows.build_prototypes`; a CLI subcommand can pass its arguments here)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=prog, description="Build OVDiff prototype banks (cached per class).")
-    p.add_argument("--config", help="YAML file of BankBuildConfig keys (e.g. configs/prototypes/shapes.yaml)")
-    p.add_argument("--classes", help="comma-separated class names")
-    p.add_argument("--cache-root")
-    p.add_argument("--model")
-    p.add_argument("--support", help="'generate' or a dataset run folder")
-    p.add_argument("--n-support", type=int)
-    p.add_argument("--k-parts", type=int)
-    p.add_argument("--stuff", help="comma-separated stuff classes (no background prototypes)")
-    p.add_argument("--out")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    a = p.parse_args(argv)
+def config_from_namespace(a) -> BankBuildConfig:
+    """The bank build config from parsed `add_bank_build_arguments` options (ConfigError if invalid)."""
     flags = {"classes": _names(a.classes), "cache_root": a.cache_root, "model": a.model, "support": a.support,
              "n_support": a.n_support, "k_parts": a.k_parts, "stuff_classes": _names(a.stuff), "out": a.out}
     return load_bank_build_config(a.config, a.set, flags)
+
+
+def config_from_args(argv: list[str] | None = None, prog: str | None = None) -> BankBuildConfig:
+    """The bank build config from `--config` (optional) with the command's options and `--set` applied."""
+    import argparse
+
+    from ..prototypes_cli import add_bank_build_arguments
+
+    p = argparse.ArgumentParser(prog=prog, description="Build OVDiff prototype banks (cached per class).")
+    add_bank_build_arguments(p)
+    return config_from_namespace(p.parse_args(argv))

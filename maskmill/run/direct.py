@@ -20,8 +20,6 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
-from tqdm.auto import tqdm
-
 from ..config import RunConfig
 from ..extractors import get_extractor
 from ..models import load_pipeline
@@ -30,6 +28,7 @@ from ..shards.layout import RunLayout
 from .claim import produce_claimed
 from .folder import pending_shards, prepare_run, run_root
 from .pipelines import worker_device
+from .progress import RunProgress
 from .summary import finalize_run, summarize_run
 
 
@@ -37,11 +36,12 @@ def run_direct(cfg: RunConfig, config_path: str | os.PathLike | None = None, sha
                device: str | None = None, progress: bool = True, finalize: bool = True,
                on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
     """The whole run without Prefect: prepare, produce every pending shard this worker can claim,
-    then (with `finalize`, once every shard is complete) validate and write the contact sheet.
+    then (with `finalize`, once every shard is complete) validate, write the contact sheet and the dataset card.
+    Progress: one display for the run (`RunProgress`: a bar on a terminal, lines otherwise).
 
     The pipeline is loaded once, and only if there is work. `on_ready` is called after loading
     (tests use it to time kills). Returns `summarize_run`'s dict plus written/busy shard ids,
-    `valid`, `contact_sheet` and `seconds`.
+    `valid`, `contact_sheet`, `card` and `seconds`.
     """
     t0 = time.perf_counter()
     layout = prepare_run(cfg, config_path)
@@ -53,25 +53,18 @@ def run_direct(cfg: RunConfig, config_path: str | os.PathLike | None = None, sha
         if on_ready is not None:
             on_ready()
         plan = RunPlan(cfg)
-        bar = tqdm(total=sum(plan.quota(s) for s in pending), unit="sample", desc=f"{layout.root.name}",
-                   disable=not progress, dynamic_ncols=True)
-
-        def tick(n: int = 1) -> None:
-            if bar.n + n > bar.total:  # rejected samples are made up from further indices
-                bar.total = bar.n + n
-            bar.update(n)
-
-        try:
+        progress_display = RunProgress(total=sum(plan.quota(s) for s in pending), name=layout.root.name,
+                                       enabled=progress)
+        with progress_display:
             for sid in pending:
-                outcome = produce_claimed(cfg, layout, sid, pipe, extractor, progress=tick)
+                outcome = produce_claimed(cfg, layout, sid, pipe, extractor, progress=progress_display.update)
                 (written if outcome["status"] == "written" else busy if outcome["status"] == "busy" else []).append(sid)
-                bar.set_postfix_str(f"shard {sid} {outcome['status']}", refresh=False)
-        finally:
-            bar.close()
+                progress_display.note(f"shard {sid} {outcome['status']}")
     elif on_ready is not None:
         on_ready()
     summary = summarize_run(layout.root)
-    summary.update(written=written, busy=busy, valid=None, contact_sheet=None, loaded_pipeline=bool(pending))
+    summary.update(written=written, busy=busy, valid=None, contact_sheet=None, card=None,
+                   loaded_pipeline=bool(pending))
     if finalize and summary["complete"]:
         summary.update(finalize_run(layout.root))
     summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -119,7 +112,7 @@ def run_distributed(cfg: RunConfig, config_path: str | os.PathLike,
     if not state.is_main_process:
         return None
     summary = summarize_run(layout.root)
-    summary.update(processes=state.num_processes, valid=None, contact_sheet=None)
+    summary.update(processes=state.num_processes, valid=None, contact_sheet=None, card=None)
     if summary["complete"]:
         summary.update(finalize_run(layout.root))
     return summary

@@ -36,7 +36,7 @@ from .locks import ShardLock, lock_ids, run_guard
 CONFIG_COPY = "config.yaml"
 RUN_INFO = "run.json"
 # What RunConfig.fingerprint() leaves out (they do not change the samples).
-NOT_FINGERPRINTED = ("output", "batch_size")
+NOT_FINGERPRINTED = ("output", "batch_size", "license")
 
 
 class RunConflictError(ConfigError):

@@ -1,4 +1,5 @@
-"""The one place the library reaches up to the Prefect layer: choose the flow or the direct runner.
+"""The one place the library reaches up to the Prefect layer: choose the flow or the direct runner,
+serve a job on a schedule, build prototype banks through their flow.
 
     summary = generate(cfg, "configs/shapes.yaml", overrides)               # the Prefect flow
     summary = generate(cfg, "configs/shapes.yaml", overrides, direct=True)  # run_direct, no Prefect
@@ -55,8 +56,26 @@ def generate(cfg: RunConfig, config_path: str | os.PathLike, overrides: Iterable
                             slice_shards=slice_shards)
 
 
-def serve(config_path: str, cron: str, name: str, overrides: Iterable[str] = ()) -> None:
-    """Serve the generate deployment on a cron schedule (blocks)."""
-    from flows.scheduled import serve as serve_flow
+def check_serve(job: str, config_path: str, cron: str, overrides: Iterable[str] = ()):
+    """The validated config of a job to serve, after Prefect's own cron check (flows/scheduled.py):
+    ConfigError / ValueError, one line, before anything is served."""
+    from flows.scheduled import check_serve as check
 
-    serve_flow(config_path=config_path, cron=cron, name=name, overrides=list(overrides))
+    return check(job, config_path, cron, list(overrides))
+
+
+def serve(config_path: str, cron: str, name: str | None = None, overrides: Iterable[str] = (),
+          job: str = "generate") -> None:
+    """Serve the `job` deployment ("generate": dataset generation, "prototypes": prototype banks) on a
+    cron schedule (blocks); a bad cron or config is refused first."""
+    from flows.scheduled import serve_job
+
+    serve_job(job, config_path, cron, name, list(overrides))
+
+
+def build_prototypes(config) -> dict[str, Any]:
+    """Run the build_prototypes flow on a BankBuildConfig (sources checked first); returns its summary."""
+    config.check_sources()
+    from flows.build_prototypes import build_prototypes as build_flow
+
+    return build_flow(config)

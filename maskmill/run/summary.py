@@ -1,10 +1,11 @@
-"""Finishing a run: counts over its completed shards, validation, and the contact sheet."""
+"""Finishing a run: counts over its completed shards, validation, the contact sheet and the dataset card."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any
 
+from ..card import write_dataset_card
 from ..preview import contact_sheet
 from ..shards.layout import RunLayout
 from ..shards.validate import validate_run
@@ -50,7 +51,9 @@ def write_contact_sheet(run_dir: str | os.PathLike, max_samples: int = 64) -> Pa
 
 
 def finalize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Validate a complete run and draw its contact sheet: {"valid", "validation", "contact_sheet"}."""
+    """Validate a complete run, draw its contact sheet and write its dataset card (README.md):
+    {"valid", "validation", "contact_sheet", "card"} (sheet and card None when it does not validate)."""
     report = validate_run(run_dir)
     sheet = str(write_contact_sheet(run_dir)) if report.ok and report.samples else None
-    return {"valid": report.ok, "validation": report.summary(), "contact_sheet": sheet}
+    card = str(write_dataset_card(run_dir)) if report.ok else None
+    return {"valid": report.ok, "validation": report.summary(), "contact_sheet": sheet, "card": card}

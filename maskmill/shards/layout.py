@@ -1,7 +1,7 @@
 """Where a run's files live, and which shards are complete.
 
     RUN/
-      classes.json              ["circle", "square", ...]; run class id k = position + 1
+      classes.json              {"classes": ["circle", ...], "id2label", "palette"}; class id k = classes[k - 1]
       shards/
         00000.tar               accepted samples (webdataset); nothing else lives here, so
                                 `datasets.load_dataset("webdataset", data_dir="RUN/shards")` reads samples only
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
+from .labels import label_metadata
 from .records import shard_name
 
 TMP_SUFFIX = ".tmp"
@@ -162,7 +163,11 @@ class RunLayout:
 
     # --- classes.json --------------------------------------------------------------------
     def write_classes(self, names: list[str]) -> Path:
-        """Write the run's class names; class id k (in masks) is names[k - 1]; 0 and 255 are reserved."""
+        """Write the run's classes: {"classes": names, "id2label": {...}, "palette": [...]}.
+
+        Class id k (in masks) is names[k - 1]; id2label also names 0 (background) and 255 (ignore),
+        and the palette is the contact sheet's, background first (maskmill.export.label_metadata).
+        """
         names = list(names)
         if not all(isinstance(n, str) and n for n in names):
             raise ValueError("class names must be non-empty strings")
@@ -170,14 +175,17 @@ class RunLayout:
             raise ValueError(f"duplicate class names in {names}")
         if len(names) > 254:
             raise ValueError(f"at most 254 classes fit in a uint8 mask (255 = ignore), got {len(names)}")
+        meta = label_metadata(names)
+        doc = {"classes": names, "id2label": meta["id2label"], "palette": meta["palette"]}
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.classes_path, (json.dumps(names, indent=1, ensure_ascii=False) + "\n").encode(),
+        atomic_write_bytes(self.classes_path, (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode(),
                            tmp=_tmp(self.classes_path))
         return self.classes_path
 
     def read_classes(self) -> list[str]:
-        """The run's class names (index k - 1 for class id k)."""
-        names = json.loads(self.classes_path.read_text())
+        """The run's class names (index k - 1 for class id k); reads the plain list older runs wrote too."""
+        doc = json.loads(self.classes_path.read_text())
+        names = doc.get("classes") if isinstance(doc, dict) else doc
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{self.classes_path}: expected a JSON list of class names")
+            raise ValueError(f"{self.classes_path}: expected {{\"classes\": [names, ...], ...}} or a JSON list of names")
         return names

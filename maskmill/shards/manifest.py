@@ -1,8 +1,13 @@
 """The parquet manifest of a shard: one row per record, accepted and rejected, in `manifests/`.
 
-Every shard's manifest has the same schema, so all of a run's manifests concatenate into one
-table (`datasets.load_dataset("parquet", data_dir="RUN/manifests")` or pyarrow). Rows are
-buffered and flushed in row groups, so memory stays flat with shard size.
+Every shard's manifest has the same typed schema (`classes` a list of strings, `confidence` a
+list of floats, ...), so all of a run's manifests read as one table with one glob:
+
+    pyarrow.dataset.dataset("RUN/manifests", format="parquet").to_table()
+    pandas.read_parquet("RUN/manifests")
+    duckdb.sql("SELECT status, count(*) FROM 'RUN/manifests/*.parquet' GROUP BY status")
+
+Rows are buffered and flushed in row groups, so memory stays flat with shard size.
 """
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .encode import json_text
 from .records import SampleRecord
 
 MANIFEST_BATCH_ROWS = 256  # manifest rows buffered before a parquet row group is flushed
@@ -28,9 +32,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("prompt", pa.string()),
         ("seed", pa.int64()),
-        ("classes", pa.string()),  # JSON list of class names
-        ("class_ids", pa.string()),  # JSON list of run class ids
-        ("confidence", pa.string()),  # JSON list, one score per class
+        ("classes", pa.list_(pa.string())),  # the prompt's class names
+        ("class_ids", pa.list_(pa.int32())),  # their run class ids (mask values)
+        ("confidence", pa.list_(pa.float64())),  # one score per class
         ("model", pa.string()),
         ("extractor", pa.string()),
         ("width", pa.int32()),
@@ -40,6 +44,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("meta", pa.string()),  # the full metadata as JSON
     ]
 )
+
+
+# Manifests of older runs: the same columns, the lists as JSON text (validate accepts them; a run
+# resumed since mixes both, so read such a run's manifests one file at a time).
+LEGACY_MANIFEST_SCHEMA = pa.schema([pa.field(f.name, pa.string()) if f.name in ("classes", "class_ids", "confidence")
+                                    else f for f in MANIFEST_SCHEMA])
 
 
 class ManifestWriter:
@@ -76,8 +86,20 @@ class ManifestWriter:
         self._writer.close()
 
 
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json_text(value)
+def _list_or_none(meta: dict[str, Any], name: str, kind: type, where: str) -> list | None:
+    """meta[name] as a list of `kind` (None if absent); raises now rather than when the row group is flushed."""
+    value = meta.get(name)
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    numeric = kind in (int, float)
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        if numeric else isinstance(v, kind) for v in value)
+    if not ok:
+        raise ValueError(f"{where}: meta[{name!r}] must be a list of {kind.__name__}, got {value!r}")
+    return [kind(v) for v in value]
 
 
 def _meta_value(meta: dict[str, Any], name: str, kind: type, where: str) -> Any:
@@ -107,9 +129,9 @@ def manifest_row(record: SampleRecord, meta_json: str, where: str) -> dict[str, 
         "reason": record.reason,
         "prompt": _meta_value(meta, "prompt", str, where),
         "seed": _meta_value(meta, "seed", int, where),
-        "classes": _json_or_none(meta.get("classes")),
-        "class_ids": _json_or_none(meta.get("class_ids")),
-        "confidence": _json_or_none(meta.get("confidence")),
+        "classes": _list_or_none(meta, "classes", str, where),
+        "class_ids": _list_or_none(meta, "class_ids", int, where),
+        "confidence": _list_or_none(meta, "confidence", float, where),
         "model": _meta_value(meta, "model", str, where),
         "extractor": _meta_value(meta, "extractor", str, where),
         "width": int(width) if width is not None else None,

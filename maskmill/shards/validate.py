@@ -20,7 +20,7 @@ from .layout import RunLayout
 from .reader import decode_image, decode_mask, raw_samples
 from .records import ACCEPTED, IGNORE, REJECTED, check_key
 from .encode import META_FIELD, sample_fields
-from .manifest import MANIFEST_SCHEMA
+from .manifest import LEGACY_MANIFEST_SCHEMA, MANIFEST_SCHEMA
 from .stats import ShardStats
 
 MAX_ERRORS = 200  # beyond this a broken run only repeats itself
@@ -213,7 +213,8 @@ def _check_manifest(paths, tar_keys: list[str] | None, stats: ShardStats | None,
     except Exception as e:
         report.error(f"{name}: unreadable ({e})")
         return
-    if not table.schema.remove_metadata().equals(MANIFEST_SCHEMA):
+    schema = table.schema.remove_metadata()
+    if not (schema.equals(MANIFEST_SCHEMA) or schema.equals(LEGACY_MANIFEST_SCHEMA)):
         report.error(f"{name}: columns {table.schema.names} differ from the manifest schema {MANIFEST_SCHEMA.names}")
         return
     keys = table.column("key").to_pylist()

@@ -350,12 +350,12 @@ def train(cfg: TrainConfig) -> dict:
 FLAG_KEYS = {"grounding": "grounding_weight", "grounding_pixel": "pixel_weight"}
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+def config_from_args(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
     """The training config from `--config` (optional), the options given (they win) and `--set`."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML file of TrainConfig keys (e.g. configs/train/shapes-sd.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    p.add_argument("--out")
+    p.add_argument("--out", help=TrainConfig.model_fields["out"].description)
     for flag, kind in (("steps", int), ("vae-steps", int), ("scenes", int), ("batch", int), ("lr", float),
                        ("seed", int), ("checkpoint-every", int), ("vae-batch", int), ("data-cache", str),
                        ("workers", int), ("threads", int), ("text-layers", int), ("vae-from", str),
@@ -368,9 +368,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     return load_train_config(config, overrides, {FLAG_KEYS.get(k, k): v for k, v in a.items()})
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """`python -m maskmill.toyworld.train` / `maskmill toyworld train`: train one stage."""
-    return train(config_from_args(argv))
+    return train(config_from_args(argv, prog))
 
 
 if __name__ == "__main__":

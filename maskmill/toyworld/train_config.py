@@ -27,11 +27,11 @@ class TrainConfig(BaseModel):
     steps: PositiveInt = Field(4000, description="UNet + text encoder steps")
     vae_steps: NonNegativeInt = Field(500, description="VAE steps (stage 1; skipped with vae_from)")
     scenes: PositiveInt = Field(16000, description="rendered training scenes (plus their mirror images)")
-    batch: PositiveInt = 32
-    lr: float = Field(1e-3, gt=0)
-    seed: NonNegativeInt = 0
+    batch: PositiveInt = Field(32, gt=0, description="training batch size (UNet stages)")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    seed: NonNegativeInt = Field(0, description="seed of the rendered scenes, the init and the batches")
     checkpoint_every: NonNegativeInt = Field(1000, description="save into `out` every this many steps (0: never)")
-    vae_batch: PositiveInt = 32
+    vae_batch: PositiveInt = Field(32, gt=0, description="training batch size of the VAE stage")
     data_cache: str | None = Field(None, description="npz file: rendered scenes are loaded from it, or saved to it")
     workers: PositiveInt = Field(2, description="processes rendering scenes")
     threads: NonNegativeInt = Field(0, description="torch threads (0 = torch's default)")
