@@ -118,6 +118,8 @@ def bad_inputs(r: dict) -> list[tuple[list[str], str]]:
         (["toyworld", "eval", "--model", "no-such-model"], "model 'no-such-model' not found"),
         (["toyworld", "bench-masks", "--model", "no-such-model"], "model 'no-such-model' not found"),
         (["toyworld", "bench-ovdiff", "--model", "no-such-model"], "model 'no-such-model' not found"),
+        (["toyworld", "train-clip", "--out", str(r["root"] / "c"), "--steps", "0"], "steps"),
+        (["toyworld", "eval-clip", "--clip", str(r["root"] / "no-clip")], "not found"),
     ]
 
 

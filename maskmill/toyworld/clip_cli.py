@@ -57,11 +57,11 @@ TRAIN_DEFAULTS = {"steps": 1500, "batch": 128, "lr": 1e-3, "warmup": 100, "seed"
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TRAIN_DEFAULTS
     p.add_argument("--out", type=Path, required=True, help="folder for model.safetensors, config.json, README.md")
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--batch", type=int, default=d["batch"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--warmup", type=int, default=d["warmup"])
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--steps", type=int, default=d["steps"], help=f"optimiser steps (default {d['steps']})")
+    p.add_argument("--batch", type=int, default=d["batch"], help=f"image-caption pairs per step (default {d['batch']})")
+    p.add_argument("--lr", type=float, default=d["lr"], help=f"peak AdamW learning rate (default {d['lr']})")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help=f"linear warm-up steps (default {d['warmup']})")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the rendered pool and the initial weights")
     p.add_argument("--pool-scenes", type=int, default=d["pool_scenes"], help="rendered scenes to draw items from")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads (the machine is shared)")
     p.add_argument("--distort", action="store_true", help="warp half the scenes and roughen mask outlines")
@@ -83,5 +83,5 @@ def add_clip_commands(toyworld_sub) -> None:
                    help="comma-separated min_margin values to report (default: a grid from -0.2 to 0.3)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")
     e.add_argument("--cache", type=Path, help="folder keeping the generated images and masks for reuse")
-    e.add_argument("--json", type=Path)
+    e.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     e.set_defaults(fn=_cmd_eval_clip)
