@@ -18,6 +18,9 @@ import os
 import sys
 from pathlib import Path
 
+from .segmenter.cli import add_segmenter_parsers
+from .toyworld.downstream_cli import add_downstream_parsers
+
 # prototypes.segment.REFINERS, default first; written out so `--help` does not import torch
 # (tests/test_segment_cli.py checks that the two agree).
 REFINE_CHOICES = ("pamr", "none")
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--refine", choices=REFINE_CHOICES, default=REFINE_CHOICES[0],
                     help="score refinement before the argmax (default pamr: edges follow the image's colours)")
     sg.set_defaults(fn=_cmd_segment)
+    add_segmenter_parsers(sub)
 
     t = sub.add_parser("toyworld", help="the shapes world: train, evaluate, benchmark masks")
     tsub = t.add_subparsers(dest="toy", required=True)
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy machine)")
     to.add_argument("--json", type=Path)
     t.set_defaults(fn=_cmd_toyworld)
+    add_downstream_parsers(tsub)
     return p
 
 
