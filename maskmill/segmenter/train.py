@@ -63,7 +63,7 @@ def train_segmenter(cfg: TrainConfig, log=print) -> dict:
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
     bar.close()

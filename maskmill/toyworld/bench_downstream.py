@@ -53,6 +53,7 @@ class DownstreamConfig(BaseModel):
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, gt=0)
     jobs: int = Field(2, gt=0)  # trainings in parallel, one torch thread each
+    grow: bool = True  # False: another process grows the pool; wait for it
 
     def cells(self) -> list[tuple[str, int]]:
         """(method, N) in the order they run: small N for everyone first, then the big ones."""
@@ -164,6 +165,10 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
         need_all = max([n for m, n in cells if m not in (ORACLE, CEILING, CLEAN, "seediff") and n <= n_target],
                        default=0)
         need = n_target + (n_target // 6 if any(m == CLEAN and n == n_target for m, n in cells) else 0)
+        while not cfg.grow and (len(pool) < need or pool.n_labelled("cross") < need_all):
+            log(f"waiting for the pool to reach {need} samples ({len(pool)} now)")
+            time.sleep(60)
+            pool = Pool.reload(pool_path)
         if len(pool) < need or pool.n_labelled("cross") < need_all:
             from ..models import load_pipeline
 

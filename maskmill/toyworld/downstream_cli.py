@@ -25,6 +25,11 @@ def _bench_downstream(a) -> int:
     for name in ("work", "results", "table", "model", "split", "seeds", "n_test", "steps", "lr", "jobs"):
         if getattr(a, name) is not None:
             fields[name] = getattr(a, name)
+    for name in ("sizes", "big_sizes", "clean_sizes"):
+        if getattr(a, name) is not None:
+            fields[name] = [int(v) for v in getattr(a, name).split(",") if v]
+    if a.wait_for_pool:
+        fields["grow"] = False
     if a.methods:
         fields["methods"] = a.methods.split(",")
         unknown = set(fields["methods"]) - set(ALL_METHODS)
@@ -58,6 +63,11 @@ def add_downstream_parsers(tsub) -> None:
     b.add_argument("--quick", action="store_true", help="N=32, 4 methods, 2 seeds, 150 steps (a few minutes)")
     b.add_argument("--split", choices=["test", "tune"], help="rendered scenes scored (tune: for choosing settings)")
     b.add_argument("--methods", help="comma-separated labellings (default: all)")
+    b.add_argument("--sizes", help="comma-separated N for every method (default 32,128)")
+    b.add_argument("--big-sizes", help="comma-separated N for oracle, ceiling, seediff only (default 512,2000)")
+    b.add_argument("--clean-sizes", help="N for the ceiling without mis-drawn samples (default 128,512)")
+    b.add_argument("--wait-for-pool", action="store_true",
+                   help="another process grows WORK/pool.npz: wait for it instead of generating")
     b.add_argument("--seeds", type=int, help="training seeds per cell (default 3)")
     b.add_argument("--n-test", type=int, help="scenes per test set (default 256)")
     b.add_argument("--steps", type=int)

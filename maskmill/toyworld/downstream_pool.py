@@ -17,6 +17,7 @@ benchmark can grow it step by step.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,16 @@ class Pool:
         if self.path.exists():
             self._load()
 
+    @classmethod
+    def reload(cls, path: Path, tries: int = 5) -> "Pool":
+        """Read a pool another process is growing (its two files may be caught between writes)."""
+        for _ in range(tries - 1):
+            try:
+                return cls(path)
+            except (RuntimeError, OSError, ValueError, KeyError):
+                time.sleep(5)
+        return cls(path)
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -81,6 +92,8 @@ class Pool:
         self.prompts, self.indices = info["prompts"], info["indices"]
         self.next_index, self.candidates = info["next_index"], info["candidates"]
         self.objects = [[tuple(o) for o in objs] for objs in info["objects"]]
+        if len(self.prompts) != len(self.images):
+            raise RuntimeError(f"{self.path}: images and their records differ in length (being written?)")
 
     def save(self) -> None:
         arrays = {"images": np.stack(self.images), "misdrawn": np.array(self.misdrawn)}
