@@ -44,7 +44,14 @@ def _bench_downstream(a) -> int:
         err = e.errors()[0]
         print(f"error: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}", file=sys.stderr)
         return 2
-    run(cfg)
+    if a.report_only:  # tables again from the results file, no training
+        import json
+
+        from .downstream_report import write_report
+
+        write_report(json.loads(Path(cfg.results).read_text()), cfg)
+    else:
+        run(cfg)
     print(f"results: {cfg.results}\ntable:   {cfg.table}")
     return 0
 
@@ -68,6 +75,7 @@ def add_downstream_parsers(tsub) -> None:
     b.add_argument("--clean-sizes", help="N for the ceiling without mis-drawn samples (default 128,512)")
     b.add_argument("--wait-for-pool", action="store_true",
                    help="another process grows WORK/pool.npz: wait for it instead of generating")
+    b.add_argument("--report-only", action="store_true", help="rewrite the table from --results, train nothing")
     b.add_argument("--seeds", type=int, help="training seeds per cell (default 3)")
     b.add_argument("--n-test", type=int, help="scenes per test set (default 256)")
     b.add_argument("--steps", type=int)

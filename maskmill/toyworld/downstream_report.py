@@ -59,6 +59,18 @@ def markdown(results: dict, methods: list[str]) -> str:
     sizes = sorted({r["n"] for r in results.get("runs", [])})
     order = [m for m in [*methods, "ceiling_clean"] if any(m in summ[t] for t in TEST_SETS)]
     lines = ["# Data that trains: segmenters trained on each labelling of the same generated images", "",
+             "Made by `maskmill toyworld bench-downstream` (`maskmill/toyworld/bench_downstream.py`). Generated "
+             "images follow the shapes-world run's plan (configs/shapes.yaml: prompts, seeds, SeeDiff and its "
+             "filter); the first N accepted ones are labelled by each method and a SegFormer is trained on each "
+             "labelling alone, then scored on rendered scenes with exact masks (`maskmill toyworld render-testset`: "
+             "plain = like the micro model's training scenes; hard = 3-4 smaller, often touching objects on "
+             "background textures never seen in training).", "",
+             "Training labels: **oracle** = rendered scenes with exact masks holding the same prompted objects "
+             "(\"real\" data, same count); **ceiling** = the generated images' truth recovered from their colours; "
+             "**ceiling_clean** = the same without samples whose drawn shape is not the prompted one; **seediff** = "
+             "the product (shapes config); **cross** = raw cross-attention threshold (DAAM / DiffuMask style); "
+             "**propagated** = self-attention-propagated map; **cross_x_propagated** = SA^k @ CA times cross "
+             "(Dataset Diffusion style); **diffseg**, **diffcut** = the other extractors, default parameters.", "",
              f"Split `{s.get('split')}` ({s.get('n_test')} rendered scenes per test set); the same SegFormer "
              f"(config-initialised, {s.get('steps')} steps, batch {s.get('batch_size')}, lr {s.get('lr')}) for "
              f"every cell; mIoU mean ± std over training seeds (count in brackets); '-' = not run.", ""]
