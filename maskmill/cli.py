@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--refine", choices=REFINE_CHOICES, default=REFINE_CHOICES[0],
                     help="score refinement before the argmax (default pamr: edges follow the image's colours)")
     sg.set_defaults(fn=_cmd_segment)
+    from .segmenter.cli import add_segmenter_parsers
+
+    add_segmenter_parsers(sub)  # train-segmenter, evaluate-segmenter
 
     t = sub.add_parser("toyworld", help="the shapes world: train, evaluate, benchmark masks")
     tsub = t.add_subparsers(dest="toy", required=True, metavar="COMMAND")
@@ -323,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--json", type=Path, help="also write the report to this JSON file")
     t.set_defaults(fn=_cmd_toyworld)
     from .toyworld.clip_cli import add_clip_commands
+    from .toyworld.downstream_cli import add_downstream_parsers
 
     add_clip_commands(tsub)  # train-clip, eval-clip
+    add_downstream_parsers(tsub)  # render-testset, bench-downstream
     return p
 
 

@@ -1,0 +1,1 @@
+"""Train and evaluate a semantic segmenter on maskmill runs (transformers' SegFormer)."""
