@@ -120,6 +120,12 @@ def bad_inputs(r: dict) -> list[tuple[list[str], str]]:
         (["toyworld", "bench-ovdiff", "--model", "no-such-model"], "model 'no-such-model' not found"),
         (["toyworld", "train-clip", "--out", str(r["root"] / "c"), "--steps", "0"], "steps"),
         (["toyworld", "eval-clip", "--clip", str(r["root"] / "no-clip")], "not found"),
+        (["train-segmenter", "--data", str(r["empty"]), "--val", str(r["empty"]), "--out", str(r["root"] / "s")],
+         "not a maskmill run (no classes.json)"),
+        (["evaluate-segmenter", "--ckpt", str(r["root"] / "no-ckpt"), "--data", str(r["empty"])],
+         "no segmenter checkpoint"),
+        (["toyworld", "render-testset", "--n", "0", "--out", str(r["root"] / "t")], "--n must be positive, got 0"),
+        (["toyworld", "bench-downstream", "--steps", "0"], "steps: Input should be greater than 0"),
     ]
 
 

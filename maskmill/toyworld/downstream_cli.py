@@ -59,8 +59,8 @@ def _bench_downstream(a) -> int:
 def add_downstream_parsers(tsub) -> None:
     """Register render-testset and bench-downstream on `maskmill toyworld`'s subparsers."""
     r = tsub.add_parser("render-testset", help="rendered scenes with exact masks as a labelled folder")
-    r.add_argument("--n", type=int, required=True)
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--n", type=int, required=True, help="scenes to render")
+    r.add_argument("--out", type=Path, required=True, help="folder for images/, masks/ and classes.json")
     r.add_argument("--hard", action="store_true",
                    help="3-4 smaller, often touching objects on background textures unseen in training")
     r.add_argument("--split", choices=["test", "tune"], default="test",
@@ -78,8 +78,8 @@ def add_downstream_parsers(tsub) -> None:
     b.add_argument("--report-only", action="store_true", help="rewrite the table from --results, train nothing")
     b.add_argument("--seeds", type=int, help="training seeds per cell (default 3)")
     b.add_argument("--n-test", type=int, help="scenes per test set (default 256)")
-    b.add_argument("--steps", type=int)
-    b.add_argument("--lr", type=float)
+    b.add_argument("--steps", type=int, help="segmenter training steps per cell (default: the bench's)")
+    b.add_argument("--lr", type=float, help="segmenter learning rate (default: the bench's)")
     b.add_argument("--jobs", type=int, help="trainings in parallel, one thread each (default 2)")
     b.add_argument("--model", help="diffusion model (default shapes-sd)")
     b.add_argument("--work", type=Path, help="pool, runs, models (default outputs/downstream)")
