@@ -99,6 +99,24 @@ def test_corrupted_bank_refused(setup, capsys, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_bank_with_edited_timestep_refused(setup, capsys, tmp_path):
+    """The feature timestep changed in the JSON (200 -> 400), fingerprint_hash left as it was: the
+    extractor would be rebuilt at 400 and match the edited fingerprint, so the hash must catch it."""
+    import shutil
+
+    target = tmp_path / "bank.safetensors"
+    shutil.copy(setup["bank"], target)
+    sidecar = json.loads(setup["bank"].with_suffix(".json").read_text())
+    assert sidecar["fingerprint"]["feature_extractor"]["timestep"] == 200
+    sidecar["fingerprint"]["feature_extractor"]["timestep"] = 400
+    target.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
+    code, _ = segment(setup, bank=target, out=tmp_path / "never")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: bank refused")
+    assert "feature_extractor.timestep changed" in err
+    assert not (tmp_path / "never").exists()
+
+
 def test_unknown_class_named(setup, capsys):
     code, out = segment(setup, classes="circle,hexagon,pentagon", out=setup["root"] / "never2")
     err = capsys.readouterr().err
