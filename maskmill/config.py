@@ -150,6 +150,15 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
                               f"for {missing[0]} classes in one image")
         try:
             resolve_model(cfg.model)
+        except ModelNotFoundError as e:
+            raise ConfigError(f"{source}: key 'model': {e}") from None
+        from .extractors import get_extractor
+
+        try:
+            get_extractor(cfg.extractor.name, **cfg.extractor.params)
+        except ValueError as e:
+            raise ConfigError(f"{source}: key 'extractor': {e}") from None
+        try:
             tokenizer = load_tokenizer(cfg.model)
         except ModelNotFoundError as e:
             raise ConfigError(f"{source}: key 'model': {e}") from None
@@ -157,12 +166,6 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
             check_seed_phrases(tokenizer, prompt_set, cfg.classes, counts)
         except ClassNotInPromptError as e:
             raise ConfigError(f"{source}: key 'classes': {e}") from None
-        from .extractors import get_extractor
-
-        try:
-            get_extractor(cfg.extractor.name, **cfg.extractor.params)
-        except ValueError as e:
-            raise ConfigError(f"{source}: key 'extractor': {e}") from None
     return cfg
 
 
