@@ -166,6 +166,8 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
             check_seed_phrases(tokenizer, prompt_set, cfg.classes, counts)
         except ClassNotInPromptError as e:
             raise ConfigError(f"{source}: key 'classes': {e}") from None
+        except PromptSetError as e:  # e.g. a 'distinct' slot with fewer values than a template needs
+            raise ConfigError(f"{source}: key 'prompts': {e}") from None
     return cfg
 
 

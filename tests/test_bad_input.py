@@ -179,3 +179,15 @@ def test_cli_refuses_unwritable_output_before_prefect(tmp_path, capsys, monkeypa
     assert main(["generate", "--config", str(cfg_path)]) == 2
     err = one_line(capsys.readouterr().err)
     assert err.startswith("error: output ") and str(output) in err
+
+
+def test_distinct_slot_too_short_for_a_template_refused(tmp_path):
+    """Two colours cannot give three objects distinct colours: refused at validation, not mid-run."""
+    prompts = tmp_path / "two-colours.yaml"
+    prompts.write_text(yaml.safe_dump({
+        "slots": {"colour": ["red", "blue"]}, "distinct": ["colour"], "single": ["a [{colour} {class}]"],
+        "multi": ["a [{colour} {a}], a [{colour} {b}] and a [{colour} {c}]"]}))
+    cfg_path = write_config(tmp_path / "c.yaml", tmp_path / "run", prompts=str(prompts),
+                            classes_per_image={1: 0.5, 3: 0.5})
+    with pytest.raises(ConfigError, match="key 'prompts': slot 'colour' ran out of distinct values"):
+        load_config(cfg_path)
