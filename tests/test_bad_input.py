@@ -191,3 +191,12 @@ def test_distinct_slot_too_short_for_a_template_refused(tmp_path):
                             classes_per_image={1: 0.5, 3: 0.5})
     with pytest.raises(ConfigError, match="key 'prompts': slot 'colour' ran out of distinct values"):
         load_config(cfg_path)
+
+
+def test_shard_worker_of_another_config_never_replaces_a_run(tmp_path):
+    """Only a run's start replaces a partial run; a produce task (clean=False) of another config is refused."""
+    cfg_path, layout = _partial_run(tmp_path)
+    before = (layout.root / RUN_INFO).read_text()
+    with pytest.raises(RunConflictError, match="holds a run of another config"):
+        prepare_run(load_config(cfg_path, ["steps=3"]), cfg_path, clean=False)
+    assert (layout.root / RUN_INFO).read_text() == before and layout.shard(0).tar_tmp.exists()

@@ -173,7 +173,8 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
     """Create or reopen the run folder `cfg.output` and make it ready for shard writers.
 
     Refuses (RunConflictError, before writing anything) a folder holding a run of another
-    config fingerprint. Writes classes.json, config.yaml and run.json (only if they change),
+    config fingerprint with a completed shard; with `clean` (a run's start, not a shard worker)
+    replaces one that completed none. Writes classes.json, config.yaml and run.json (only if they change),
     then, with `clean`, removes stale locks and the files of every partial shard it can claim.
     Safe to call from several workers at once.
     """
@@ -186,6 +187,9 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
         info = read_run_info(root)
         if info is not None and (info.get("fingerprint") != cfg.fingerprint()
                                  or info.get("model_identity") not in (None, model_identity(cfg.model))):
+            if not clean:  # a shard worker (tasks/produce.py) of another run: only a run's start replaces one
+                raise RunConflictError(f"refusing to write into {root}: it holds a run of another config "
+                                       f"(fingerprint {info.get('fingerprint')}, this one {cfg.fingerprint()})")
             _replace_partial_run(cfg, layout, info)
         for leftover in [*root.glob(".*.tmp"), root / "classes.json.tmp"]:  # our writes happen under
             leftover.unlink(missing_ok=True)                                 # the guard: these are stale
@@ -226,7 +230,7 @@ def _replace_partial_run(cfg: RunConfig, layout: RunLayout, info: dict[str, Any]
         (layout.root / name).unlink(missing_ok=True)
     diffs = config_differences(info.get("identity", {}), identity(cfg))
     why = f"differing keys: {'; '.join(diffs)}" if diffs else "its model's weights changed"
-    log.warning(f"replacing the run in {layout.root}: it completed no shard and was made with another config "
+    log.warning(f"replacing the run in {layout.root}: it completed no shard and was made with another config or model "
                 f"(fingerprint {info.get('fingerprint')}, now {cfg.fingerprint()}; {why})")
 
 
