@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--no-background", action="store_true", help="no background class: every pixel gets a class")
     sg.add_argument("--refine", choices=REFINE_CHOICES, default=REFINE_CHOICES[0],
                     help="score refinement before the argmax (default pamr: edges follow the image's colours)")
+    sg.add_argument("--max-side", type=int, metavar="N",
+                    help="resize larger images to this longer side to segment them, labels scaled back to the "
+                         "input size (default: the model's image size, e.g. 32 for shapes-sd, 512 for SD 1.5)")
     sg.set_defaults(fn=_cmd_segment)
     from .segmenter.cli import add_segmenter_parsers
 

@@ -15,8 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from .models import SCHEDULERS, ModelNotFoundError, resolve_model
+from .models import SCHEDULERS, ModelNotFoundError, load_tokenizer, resolve_model
 from .prompts import PromptSetError, load_prompt_set
+from .tokens import ClassNotInPromptError, check_seed_phrases
 
 _SAFE_CLASS = r"^[A-Za-z0-9][A-Za-z0-9 _\-']*$"
 
@@ -165,9 +166,14 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
         raise ConfigError(format_errors(e, source)) from None
     if check_files:
         try:
-            load_prompt_set(cfg.prompts)
+            prompt_set = load_prompt_set(cfg.prompts)
         except PromptSetError as e:
             raise ConfigError(f"{source}: key 'prompts': {e}") from None
+        counts = sorted(n for n, w in cfg.classes_per_image.items() if w > 0)
+        missing = [n for n in counts if not prompt_set.templates_for(n)]
+        if missing:
+            raise ConfigError(f"{source}: key 'classes_per_image': prompt set {prompt_set.name!r} has no template "
+                              f"for {missing[0]} classes in one image")
         try:
             resolve_model(cfg.model)
         except ModelNotFoundError as e:
@@ -185,6 +191,16 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
                 resolve_clip(cfg.filter.clip.model)
             except ClipNotFoundError as e:
                 raise ConfigError(f"{source}: key 'filter.clip.model': {e}") from None
+        try:
+            tokenizer = load_tokenizer(cfg.model)
+        except ModelNotFoundError as e:
+            raise ConfigError(f"{source}: key 'model': {e}") from None
+        try:  # a class the tokenizer would cut off fails every sample: refuse it now
+            check_seed_phrases(tokenizer, prompt_set, cfg.classes, counts)
+        except ClassNotInPromptError as e:
+            raise ConfigError(f"{source}: key 'classes': {e}") from None
+        except PromptSetError as e:  # e.g. a 'distinct' slot with fewer values than a template needs
+            raise ConfigError(f"{source}: key 'prompts': {e}") from None
     return cfg
 
 

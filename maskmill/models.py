@@ -6,6 +6,7 @@ Nothing here touches the network: a missing model is an error that says where we
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -160,6 +161,25 @@ def model_folder(model: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(src, local_files_only=True, cache_dir=hf_cache_dir()))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_in(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+
+
+def load_tokenizer(model: str):
+    """The model's (first) tokenizer alone, offline: enough to check prompts before any weights load."""
+    folder = model_folder(model).resolve()
+    if not (folder / "tokenizer").is_dir():
+        raise ModelNotFoundError(f"model {model!r} has no tokenizer/ folder in {folder}")
+    try:
+        return _tokenizer_in(folder)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"model {model!r}: cannot load its tokenizer from {folder / 'tokenizer'}: "
+                                 f"{' '.join(str(e).split())}") from None
 
 
 def _files_identity(folder: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import yaml
@@ -138,6 +139,18 @@ def load_prompt_set(name_or_path: str | Path) -> PromptSet:
 def fill_template(template: str, class_names: list[str], rng: np.random.Generator,
                   prompt_set: PromptSet) -> Prompt:
     """Fill slots left to right; returns the prompt text and each class's seed phrase."""
+    return _fill(template, class_names, prompt_set, lambda choices: choices[int(rng.integers(len(choices)))])
+
+
+def fill_longest(template: str, class_names: list[str], prompt_set: PromptSet,
+                 length: Callable[[str], int]) -> Prompt:
+    """The longest prompt `template` can make for these classes: every slot takes its longest value
+    by `length` (e.g. a token count); a 'distinct' slot its longest values not yet used."""
+    return _fill(template, class_names, prompt_set, lambda choices: max(choices, key=length))
+
+
+def _fill(template: str, class_names: list[str], prompt_set: PromptSet,
+          pick: Callable[[list[str]], str]) -> Prompt:
     used: dict[str, set[str]] = {d: set() for d in prompt_set.distinct}
     cs = class_slots(template)
     class_of = dict(zip(cs, class_names))
@@ -148,7 +161,7 @@ def fill_template(template: str, class_names: list[str], rng: np.random.Generato
         choices = [v for v in prompt_set.slots[slot] if v not in used.get(slot, ())]
         if not choices:
             raise PromptSetError(f"slot {slot!r} ran out of distinct values for template {template!r}")
-        v = choices[int(rng.integers(len(choices)))]
+        v = pick(choices)
         if slot in used:
             used[slot].add(v)
         return v

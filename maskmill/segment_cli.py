@@ -1,14 +1,18 @@
 """`maskmill segment IMG... --bank BANK --classes a,b [--model M] [--clip CKPT] [--out DIR] [--no-background]
-[--refine {pamr,none}]`
+[--refine {pamr,none}] [--max-side N]`
 
-Checks everything before any work: the class list, the image files, the bank (readable, tensor
-hash intact), the classes (each must have foreground prototypes in the bank), the CLIP
-checkpoint, the model; then rebuilds the bank's feature extractor on the chosen model (layers,
+Checks everything before any work: the class list, the image files (read as RGB by
+`maskmill.images.read_rgb`: 16-bit, float, palette and CMYK images converted correctly, others
+refused), the bank (readable, tensor and fingerprint hashes intact), the classes (each must have
+foreground prototypes in the bank), the CLIP checkpoint, the model; then rebuilds the bank's feature extractor on the chosen model (layers,
 timestep, size and noise seed are read from the bank's fingerprint) and refuses the bank unless
 its fingerprint matches (model configs and weights digest, extractor settings, maskmill
 version). Any of these failures prints one clear `error:` line and exits 2.
 
-Then it segments each image (OVDiff: class score = max over its prototypes, background = max
+Images larger than --max-side (default: the model's own image size, the UNet's sample size
+times the VAE's scale factor, 32 for shapes-sd and 512 for SD 1.5: what it was trained on, and a
+bound on time and memory) are resized for segmenting, and their labels scaled back to the input
+size (nearest neighbour); the output line says so. Then it segments each image (OVDiff: class score = max over its prototypes, background = max
 over the background prototypes; scores refined with PAMR unless `--refine none`; argmax) and
 writes `<stem>.labels.png` (value k = k-th class of --classes, 0 background), `<stem>.overlay.png`
 and `<stem>.classes.json` into --out.
@@ -42,17 +46,37 @@ def parse_classes(text: str) -> list[str]:
 def read_images(paths: list[Path]) -> list[np.ndarray]:
     from PIL import Image, UnidentifiedImageError
 
+    from .images import ImageModeError, read_rgb
+
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise SegmentError(f"image file(s) not found: {', '.join(missing)}")
     images = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                images.append(np.asarray(im.convert("RGB")).copy())
-        except (UnidentifiedImageError, OSError) as e:
-            raise SegmentError(f"cannot read image {p}: {e}") from None
+            images.append(read_rgb(p))
+        except (UnidentifiedImageError, ImageModeError, Image.DecompressionBombError, OSError) as e:
+            raise SegmentError(f"cannot read image {p}: {' '.join(str(e).split())}") from None
     return images
+
+
+def model_image_side(pipe) -> int:
+    """The side of the images the model was trained on: UNet sample size x VAE scale factor."""
+    sample = pipe.unet.config.sample_size
+    return int(max(sample) if isinstance(sample, (list, tuple)) else sample) * int(pipe.vae_scale_factor)
+
+
+def working_images(images: list[np.ndarray], paths: list[Path], max_side: int, extractor) -> list[np.ndarray]:
+    """Each image resized to fit `max_side`; refused (one line) if one would fall below the UNet's minimum."""
+    from .images import fit_max_side
+
+    work = [fit_max_side(im, max_side) for im in images]
+    for path, im in zip(paths, work):
+        try:
+            extractor._target_size(im.shape[:2])
+        except ValueError as e:
+            raise SegmentError(f"image {path}: {e} (after --max-side {max_side}); give a larger --max-side") from None
+    return work
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -138,6 +162,9 @@ def _run(args) -> int:
     except ValueError as e:
         raise SegmentError(f"--refine: {e}") from None
     classes = parse_classes(args.classes)
+    max_side = getattr(args, "max_side", None)
+    if max_side is not None and max_side < 1:
+        raise SegmentError(f"--max-side must be a positive number of pixels, got {max_side}")
     paths = [Path(p) for p in args.images]
     images = read_images(paths)
     bank = load_checked_bank(Path(args.bank))
@@ -169,15 +196,25 @@ def _run(args) -> int:
         except Exception as e:  # noqa: BLE001 - any unloadable checkpoint is a usage error
             raise SegmentError(f"cannot load CLIP checkpoint {clip_path}: {type(e).__name__}: {e}") from None
 
+    from .images import labels_to_size
+
+    max_side = max_side or model_image_side(pipe)
+    work = working_images(images, paths, max_side, extractor)
     out = Path(getattr(args, "out", None) or "outputs/segment")
     t0 = time.perf_counter()
-    results = segment_images(extractor, images, bank, classes, use_background=not getattr(args, "no_background", False),
+    results = segment_images(extractor, work, bank, classes, use_background=not getattr(args, "no_background", False),
                              prefilter=prefilter, refine=refine)
     seconds = time.perf_counter() - t0
-    for path, stem, image, res in zip(paths, unique_stems(paths), images, results):
-        written = save_segmentation(res.labels, image, classes, out, stem)
-        found = [classes[k - 1] for k in np.unique(res.labels).tolist() if k > 0]
-        print(f"{path}: {written['labels']}  {written['overlay']}  (classes found: {', '.join(found) or 'none'})")
+    for path, stem, image, small, res in zip(paths, unique_stems(paths), images, work, results):
+        labels = labels_to_size(res.labels, *image.shape[:2])
+        written = save_segmentation(labels, image, classes, out, stem)
+        found = [classes[k - 1] for k in np.unique(labels).tolist() if k > 0]
+        resized = ""
+        if small.shape != image.shape:
+            (h, w), (sh, sw) = image.shape[:2], small.shape[:2]
+            resized = f"  (resized from {w}x{h} to {sw}x{sh} to segment, --max-side {max_side}; labels at {w}x{h})"
+        print(f"{path}: {written['labels']}  {written['overlay']}{resized}  "
+              f"(classes found: {', '.join(found) or 'none'})")
     print(f"segmented {len(images)} image(s) in {seconds:.2f} s ({seconds / max(1, len(images)):.3f} s/image); "
           f"outputs in {out}")
     return 0

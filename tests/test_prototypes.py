@@ -292,6 +292,45 @@ def test_corrupted_and_mismatched_banks_refused(tmp_path):
     assert len(load_bank(path, expected_fingerprint=FP)) > 0
 
 
+def test_bank_whose_json_was_edited_refused_naming_the_key(tmp_path):
+    """A timestep edited in the sidecar (fingerprint_hash left as it was) must not pass as another bank."""
+    fp = make_fingerprint({"name": "sd_query", "timestep": 200, "model": {"id": "none"}}, {"k_parts": 4})
+    path = save_bank(class_bank("cat"), tmp_path / "bank.safetensors", fp)
+    sidecar_path = path.with_suffix(".json")
+    original = sidecar_path.read_text()
+    assert len(load_bank(path)) > 0  # untouched: loads
+
+    sidecar = json.loads(original)
+    sidecar["fingerprint"]["feature_extractor"]["timestep"] = 400
+    sidecar_path.write_text(json.dumps(sidecar, indent=1))
+    with pytest.raises(BankCorruptedError) as err:
+        load_bank(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "was edited" in msg and "feature_extractor.timestep changed" in msg
+    assert sidecar["fingerprint_hash"] in msg
+    # the caller's expected fingerprint says 400 too: still refused (the bank was built at 200)
+    expected = json.loads(json.dumps(sidecar["fingerprint"]))
+    with pytest.raises(BankCorruptedError, match="feature_extractor.timestep changed"):
+        load_bank(path, expected_fingerprint=expected)
+
+    sidecar["fingerprint"]["settings"]["extra"] = 1  # a key added, the timestep edit kept
+    sidecar_path.write_text(json.dumps(sidecar))
+    with pytest.raises(BankCorruptedError, match=r"settings.extra added"):
+        load_bank(path)
+
+    old_format = json.loads(original)  # banks saved before per-key hashes: refused without the key
+    del old_format["fingerprint_key_hashes"]
+    assert len(load_bank_from(sidecar_path, old_format, path)) > 0
+    old_format["fingerprint"]["feature_extractor"]["timestep"] = 400
+    with pytest.raises(BankCorruptedError, match="hashes to .*, not to the recorded fingerprint_hash"):
+        load_bank_from(sidecar_path, old_format, path)
+
+
+def load_bank_from(sidecar_path, sidecar: dict, path):
+    sidecar_path.write_text(json.dumps(sidecar))
+    return load_bank(path)
+
+
 # ------------------------------------------------------------------------------------------ cache
 
 

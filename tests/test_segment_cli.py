@@ -99,6 +99,90 @@ def test_corrupted_bank_refused(setup, capsys, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_bank_with_edited_timestep_refused(setup, capsys, tmp_path):
+    """The feature timestep changed in the JSON (200 -> 400), fingerprint_hash left as it was: the
+    extractor would be rebuilt at 400 and match the edited fingerprint, so the hash must catch it."""
+    import shutil
+
+    target = tmp_path / "bank.safetensors"
+    shutil.copy(setup["bank"], target)
+    sidecar = json.loads(setup["bank"].with_suffix(".json").read_text())
+    assert sidecar["fingerprint"]["feature_extractor"]["timestep"] == 200
+    sidecar["fingerprint"]["feature_extractor"]["timestep"] = 400
+    target.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
+    code, _ = segment(setup, bank=target, out=tmp_path / "never")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: bank refused")
+    assert "feature_extractor.timestep changed" in err
+    assert not (tmp_path / "never").exists()
+
+
+def _labels(out, stem):
+    return np.asarray(Image.open(out / f"{stem}.labels.png"))
+
+
+def test_16_bit_png_segmented_as_its_8_bit_version(setup, capsys, tmp_path):
+    """A 16-bit PNG must not saturate to white: it gives the labels of the same picture at 8 bits."""
+    grey8 = np.asarray(Image.open(setup["images"][0]).convert("L"))
+    paths = {"grey8": tmp_path / "grey8.png", "grey16": tmp_path / "grey16.png", "white": tmp_path / "white.png"}
+    Image.fromarray(grey8).save(paths["grey8"])
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(paths["grey16"])  # 0..65535, same picture
+    Image.fromarray(np.full_like(grey8, 255)).save(paths["white"])        # what convert("RGB") made of it
+    assert Image.open(paths["grey16"]).mode.startswith("I")
+    out = tmp_path / "out"
+    argv = ["segment", *map(str, paths.values()), "--bank", str(setup["bank"]), "--classes", "circle,square",
+            "--model", str(setup["model"]), "--out", str(out)]
+    assert main(argv) == 0
+    assert np.array_equal(_labels(out, "grey16"), _labels(out, "grey8"))
+    assert not np.array_equal(_labels(out, "grey8"), _labels(out, "white"))  # the test can tell them apart
+
+
+def test_unreadable_image_mode_refused_in_one_line(setup, capsys, tmp_path):
+    bad = tmp_path / "signed.tiff"
+    Image.fromarray(np.linspace(-1, 1, 32 * 32, dtype=np.float32).reshape(32, 32)).save(bad)
+    argv = ["segment", str(bad), "--bank", str(setup["bank"]), "--classes", "circle",
+            "--model", str(setup["model"]), "--out", str(tmp_path / "never2")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: cannot read image {bad}: float image with negative values" in err
+    assert not (tmp_path / "never2").exists()
+
+
+def test_large_image_resized_to_segment_and_labels_scaled_back(setup, capsys, tmp_path):
+    """A 2400x1800 image is segmented at the model's size (32 px for this model) and its label map
+    is that segmentation scaled back (nearest) to 2400x1800; the output line says it resized."""
+    from maskmill.images import fit_max_side, labels_to_size
+
+    rng = np.random.default_rng(7)
+    scene = render(sample_scene(rng))[0]
+    big = np.asarray(Image.fromarray(scene).resize((2400, 1800), Image.NEAREST))
+    small = fit_max_side(big, 32)
+    assert small.shape == (24, 32, 3)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    Image.fromarray(small).save(tmp_path / "small.png")
+    out = tmp_path / "out"
+    argv = ["segment", str(tmp_path / "big.png"), str(tmp_path / "small.png"), "--bank", str(setup["bank"]),
+            "--classes", "circle,square", "--model", str(setup["model"]), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    big_line = next(line for line in printed.splitlines() if line.startswith(str(tmp_path / "big.png")))
+    assert "resized from 2400x1800 to 32x24" in big_line
+    small_line = next(line for line in printed.splitlines() if line.startswith(str(tmp_path / "small.png")))
+    assert "resized from" not in small_line
+    labels = _labels(out, "big")
+    assert labels.shape == (1800, 2400)
+    assert np.array_equal(labels, labels_to_size(_labels(out, "small"), 1800, 2400))
+    assert Image.open(out / "big.overlay.png").size == (2400, 1800)
+
+    # --max-side chooses the working size; a side below the UNet's minimum is refused in one line
+    argv[-1] = str(tmp_path / "out64")
+    assert main([*argv, "--max-side", "64"]) == 0
+    assert "resized from 2400x1800 to 64x48" in capsys.readouterr().out
+    assert _labels(tmp_path / "out64", "big").shape == (1800, 2400)
+    assert main([*argv, "--max-side", "0"]) == 2
+    assert "--max-side must be a positive" in capsys.readouterr().err
+
+
 def test_unknown_class_named(setup, capsys):
     code, out = segment(setup, classes="circle,hexagon,pentagon", out=setup["root"] / "never2")
     err = capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 The sidecar is written last, both atomically: its presence marks a complete bank. It records a
 sha256 of the tensor bytes, so `load_bank` refuses a corrupted file, and the fingerprint, so it
-refuses a bank built with other features than the caller expects.
+refuses a bank built with other features than the caller expects. The fingerprint's hash (and one
+per key) is recomputed on load: a sidecar edited by hand (a timestep changed) is refused, the
+edited key named, since its prototypes would be compared with features they were not built from.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 
 from ..atomic import atomic_write, atomic_write_bytes
 from .bank import PrototypeBank, PrototypeMeta
-from .fingerprint import canonical_json, fingerprint_differences, fingerprint_hash
+from .fingerprint import (canonical_json, edited_keys, fingerprint_differences, fingerprint_hash,
+                          fingerprint_key_hashes)
 
 FORMAT_VERSION = 1
 
@@ -58,6 +61,7 @@ def save_bank(bank: PrototypeBank, path: str | Path, fingerprint: dict | None = 
         "format_version": FORMAT_VERSION,
         "fingerprint": json.loads(canonical_json(fingerprint)),
         "fingerprint_hash": fingerprint_hash(fingerprint),
+        "fingerprint_key_hashes": fingerprint_key_hashes(fingerprint),
         "tensor_file": tensor_path.name,
         "tensor_sha256": _tensor_sha256(vectors),
         "shape": list(vectors.shape),
@@ -83,6 +87,14 @@ def load_bank(path: str | Path, expected_fingerprint: dict | None = None) -> Pro
     if sidecar.get("format_version") != FORMAT_VERSION:
         raise BankCorruptedError(f"bank {meta_path} has format {sidecar.get('format_version')}, "
                                  f"this maskmill reads {FORMAT_VERSION}")
+    recorded, actual = sidecar.get("fingerprint_hash"), fingerprint_hash(fingerprint)
+    if recorded != actual:
+        keys = sidecar.get("fingerprint_key_hashes")
+        named = edited_keys(fingerprint, keys) if isinstance(keys, dict) else []
+        raise BankCorruptedError(
+            f"bank metadata {meta_path} was edited after the bank was built: its fingerprint hashes to {actual}, "
+            f"not to the recorded fingerprint_hash {recorded}"
+            + (f" ({', '.join(named)})" if named else "") + "; rebuild the bank instead of editing it")
     try:
         vectors = load_file(str(tensor_path))["vectors"]
     except Exception as e:  # noqa: BLE001

@@ -49,3 +49,26 @@ def fingerprint_differences(stored, expected, prefix: str = "") -> list[str]:
                 out += fingerprint_differences(stored[k], expected[k], key + ".")
         return out
     return [] if stored == expected else [f"{prefix.rstrip('.')}: bank has {stored!r}, expected {expected!r}"]
+
+
+def _leaves(obj, prefix: str = "") -> dict[str, object]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, object] = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def fingerprint_key_hashes(fingerprint: dict) -> dict[str, str]:
+    """A short hash of each leaf ("feature_extractor.timestep"): what lets an edit of a saved
+    fingerprint be named, where the whole `fingerprint_hash` only says that something changed."""
+    leaves = _leaves(json.loads(canonical_json(fingerprint)))
+    return {k: hashlib.sha256(canonical_json(v).encode()).hexdigest()[:12] for k, v in sorted(leaves.items())}
+
+
+def edited_keys(fingerprint: dict, key_hashes: dict[str, str]) -> list[str]:
+    """Leaves of `fingerprint` that differ from the ones `key_hashes` was made of (changed, added, removed)."""
+    now = fingerprint_key_hashes(fingerprint)
+    return [f"{k} {'added' if k not in key_hashes else 'removed' if k not in now else 'changed'}"
+            for k in sorted(set(now) | set(key_hashes)) if now.get(k) != key_hashes.get(k)]

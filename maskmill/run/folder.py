@@ -12,13 +12,18 @@ Besides `shards/`, `manifests/`, `stats/` (see shards/layout.py) and `classes.js
 
 A folder that holds a run of another config fingerprint is refused (`RunConflictError`, naming
 both fingerprints and the differing keys) before anything is written; so is a rerun after the
-model's weights changed under the same name (e.g. retrained into the same folder). Partial
-shards are cleaned only under their lock, so a shard another worker is writing is never touched.
+model's weights changed under the same name (e.g. retrained into the same folder). A run that
+completed no shard has nothing to protect: prepare_run replaces it (one logged line) unless one of
+its shards is being written. Partial shards are cleaned only under their lock, so a shard another
+worker is writing is never touched. An output that cannot be created or written is refused first
+(`check_output_writable`).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,8 +44,32 @@ RUN_INFO = "run.json"
 NOT_FINGERPRINTED = ("output", "batch_size", "license")
 
 
+log = logging.getLogger(__name__)
+
+
 class RunConflictError(ConfigError):
     """The run folder holds a run made with another config."""
+
+
+def check_output_writable(output: str) -> None:
+    """Refuse (ConfigError, one line) an output folder that cannot be created or written.
+
+    Asks the filesystem itself: a folder is made and removed at once in the output (or in its
+    nearest existing parent), so permissions, read-only mounts and special filesystems (/proc)
+    all give their real answer, for root as for anyone else.
+    """
+    path = Path(output).expanduser().resolve()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ConfigError(f"output {output!r} {where}, not a folder: choose another `output`")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".maskmill-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"output {output!r} cannot be written: no folder can be made in {existing} "
+                          f"({e.strerror or e})") from None
 
 
 def run_root(cfg: RunConfig) -> Path:
@@ -83,7 +112,9 @@ def read_run_info(root: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def check_run_folder(cfg: RunConfig) -> None:
-    """Raise RunConflictError if `cfg.output` holds another config's run. Reads only, writes nothing."""
+    """Raise RunConflictError if `cfg.output` holds another config's run with a completed shard, ConfigError
+    if it cannot be written. Writes nothing (but check_output_writable's probe folder, removed at once)."""
+    check_output_writable(cfg.output)
     root = run_root(cfg)
     info = read_run_info(root)
     mine = cfg.fingerprint()
@@ -102,6 +133,8 @@ def check_run_folder(cfg: RunConfig) -> None:
                 f"whether they were made with this config (fingerprint {mine}). Choose another `output` "
                 f"(e.g. --set output={root}-2) or remove the folder.")
         return
+    if not layout.completed_shards():
+        return  # another config's run that finished nothing: prepare_run replaces it
     theirs = info.get("fingerprint")
     if theirs == mine:
         then, now = info.get("model_identity"), model_identity(cfg.model)
@@ -119,9 +152,6 @@ def check_run_folder(cfg: RunConfig) -> None:
         f"(from {info.get('config_path') or 'an unknown file'}), this config's fingerprint is {mine}. "
         f"Differing keys: {listed}. Choose another `output` (e.g. --set output={root}-2) "
         f"or remove the folder to start over.")
-
-
-
 
 
 def _config_yaml(cfg: RunConfig) -> bytes:
@@ -143,7 +173,8 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
     """Create or reopen the run folder `cfg.output` and make it ready for shard writers.
 
     Refuses (RunConflictError, before writing anything) a folder holding a run of another
-    config fingerprint. Writes classes.json, config.yaml and run.json (only if they change),
+    config fingerprint with a completed shard; with `clean` (a run's start, not a shard worker)
+    replaces one that completed none. Writes classes.json, config.yaml and run.json (only if they change),
     then, with `clean`, removes stale locks and the files of every partial shard it can claim.
     Safe to call from several workers at once.
     """
@@ -153,6 +184,13 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
     root.mkdir(parents=True, exist_ok=True)
     with run_guard(root):
         check_run_folder(cfg)  # again, now that no other worker can be preparing it
+        info = read_run_info(root)
+        if info is not None and (info.get("fingerprint") != cfg.fingerprint()
+                                 or info.get("model_identity") not in (None, model_identity(cfg.model))):
+            if not clean:  # a shard worker (tasks/produce.py) of another run: only a run's start replaces one
+                raise RunConflictError(f"refusing to write into {root}: it holds a run of another config "
+                                       f"(fingerprint {info.get('fingerprint')}, this one {cfg.fingerprint()})")
+            _replace_partial_run(cfg, layout, info)
         for leftover in [*root.glob(".*.tmp"), root / "classes.json.tmp"]:  # our writes happen under
             leftover.unlink(missing_ok=True)                                 # the guard: these are stale
         layout.create()
@@ -171,6 +209,29 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
     if clean:
         clean_run(layout)
     return layout
+
+
+def _replace_partial_run(cfg: RunConfig, layout: RunLayout, info: dict[str, Any]) -> None:
+    """Remove another config's run that completed no shard (check_run_folder made sure), under the run guard.
+
+    Refused if one of its shards is being written (a live lock): that run is still going on.
+    """
+    for sid in lock_ids(layout):
+        lock = ShardLock(layout, sid)
+        owner = lock.owner()
+        if not lock._is_stale(owner):  # break_if_stale would take the run guard we hold
+            raise RunConflictError(
+                f"refusing to replace the run in {layout.root}: shard {sid} of it is being written "
+                f"({owner}); wait for it or choose another `output`")
+        lock.path.unlink(missing_ok=True)
+    for sid in layout.shard_ids_on_disk():
+        layout.clean_partial(sid)
+    for name in (RUN_INFO, CONFIG_COPY, layout.classes_path.name):
+        (layout.root / name).unlink(missing_ok=True)
+    diffs = config_differences(info.get("identity", {}), identity(cfg))
+    why = f"differing keys: {'; '.join(diffs)}" if diffs else "its model's weights changed"
+    log.warning(f"replacing the run in {layout.root}: it completed no shard and was made with another config or model "
+                f"(fingerprint {info.get('fingerprint')}, now {cfg.fingerprint()}; {why})")
 
 
 def clean_run(layout: RunLayout) -> dict[str, list]:
