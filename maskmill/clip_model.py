@@ -11,6 +11,8 @@ beside the weights (the embedded model has one) must agree with those shapes.
 from __future__ import annotations
 
 import json
+import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,60 @@ import torch
 import torch.nn.functional as F
 
 from .models import CLIP_WEIGHTS_FILE as WEIGHTS_FILE
-from .models import ClipNotFoundError, resolve_clip  # noqa: F401  (re-exported: the CLIP loaders use them)
-from .prototypes.clip_features import CLIP_MEAN, CLIP_STD, _load_clip_submodule, load_clip_state_dict
+from .models import ClipNotFoundError as ClipNotFoundError  # re-exported: callers of the loader catch it
+from .models import resolve_clip
 
 # The constructor arguments of clip.model.CLIP, in its order.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def _load_clip_submodule(name: str):
+    """Import clip-anytorch's `model` or `simple_tokenizer` without running `clip/__init__.py`.
+
+    The package's __init__ imports torchvision, which maskmill does not install; these two
+    files only need torch/numpy (and ftfy/regex), so load them from their file paths.
+    """
+    key = f"_maskmill_clip_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("clip-anytorch is not installed: `pip install --no-deps clip-anytorch`")
+    path = Path(list(spec.submodule_search_locations)[0]) / f"{name}.py"
+    module_spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[key] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a CLIP state dict from a local .safetensors or a plain torch state-dict file.
+
+    Only weight-only formats are accepted: `torch.load(weights_only=True)` never runs pickled
+    code. OpenAI's released `.pt` files are TorchScript archives; convert one once with
+    `torch.jit.load(p, map_location="cpu").state_dict()` saved via safetensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint not found: {path} (give a local file; nothing is downloaded)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means "not a usable weight file"
+        raise ValueError(f"cannot read CLIP weights from {path}: {e}. Expected a safetensors file or a plain "
+                         "state dict; OpenAI's TorchScript .pt must be converted first "
+                         "(torch.jit.load(p).state_dict() -> safetensors)") from None
+    if not isinstance(state, dict) or "visual.proj" not in state:
+        raise ValueError(f"{path} is not a CLIP ViT state dict (no 'visual.proj'); ResNet CLIPs give no patch tokens")
+    return dict(state)
+
+
 CONFIG_FILE = "config.json"
 ARCHITECTURE_KEYS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
                      "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .clip_model import ClipModel
 from .config import ClipCheckConfig
-from .prototypes.clip_features import CLIP_MEAN
+from .clip_model import CLIP_MEAN
 
 IGNORE = 255
 FILL = tuple(int(round(v * 255)) for v in CLIP_MEAN)  # zero after CLIP's normalisation

@@ -415,7 +415,7 @@ def test_sd_query_features_shape_determinism_and_hooks(tiny_pipe):
 def test_clip_patch_features_tiny_random_model(tmp_path):
     from safetensors.torch import save_file
 
-    from maskmill.prototypes.clip_features import _load_clip_submodule
+    from maskmill.clip_model import _load_clip_submodule
 
     clip_model = _load_clip_submodule("model")
     torch.manual_seed(0)

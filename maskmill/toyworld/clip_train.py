@@ -135,7 +135,7 @@ def _initial_model(settings: ClipTrainSettings) -> torch.nn.Module:
     if settings.init is None:
         return new_clip(settings.architecture).train()
     from ..clip_model import architecture_of, resolve_clip
-    from ..prototypes.clip_features import load_clip_state_dict
+    from ..clip_model import load_clip_state_dict
 
     state = load_clip_state_dict(resolve_clip(settings.init))
     settings.architecture = architecture_of(state)
