@@ -57,6 +57,7 @@ def _cmd_generate(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .run.orchestrate import generate
+    from .shards.validate import RunInvalidError
 
     ready = (lambda: print("READY", flush=True)) if a.ready else None
     try:
@@ -65,15 +66,21 @@ def _cmd_generate(a) -> int:
     except ConfigError as e:  # e.g. another config's run started in this folder meanwhile
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInvalidError as e:  # the flow finished the run but it does not validate
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if summary is None:
         return 0  # not the main process of a multi-process launch: it prints for everyone
     summary = {k: v for k, v in summary.items() if k != "per_shard"}
     if a.json:
         print(json.dumps(summary, default=str), flush=True)
-        return 0
-    print(json.dumps(summary, indent=1, default=str))
-    print(f"shards:        {summary['shards_dir']}")
-    print(f"contact sheet: {summary['contact_sheet']}")
+    else:
+        print(json.dumps(summary, indent=1, default=str))
+        print(f"shards:        {summary['shards_dir']}")
+        print(f"contact sheet: {summary['contact_sheet']}")
+    if summary.get("valid") is False:  # the direct runner finished the run but it does not validate
+        print(f"error: {summary.get('problem') or 'the run does not validate'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -90,7 +97,7 @@ def _shard_ids(text: str | None) -> list[int] | None:
 def _cmd_preview(a) -> int:
     from .preview import contact_sheet
 
-    out = a.out or Path(a.run) / "contact_sheet.png"
+    out = a.out or f"{str(a.run).rstrip('/')}/contact_sheet.png"
     contact_sheet(a.run, out, max_samples=a.max)
     print(out)
     return 0
@@ -171,13 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     v = sub.add_parser("preview", help="contact sheet of a run's samples with mask overlays")
-    v.add_argument("run", type=Path)
-    v.add_argument("--out", type=Path)
+    v.add_argument("run", help="run folder or URL (s3://bucket/run, ...)")  # str: Path would mangle a URL
+    v.add_argument("--out", help="PNG path or URL (default: RUN/contact_sheet.png)")
     v.add_argument("--max", type=int, default=64)
     v.set_defaults(fn=_cmd_preview)
 
     c = sub.add_parser("validate", help="read every shard of a run and check it")
-    c.add_argument("run", type=Path)
+    c.add_argument("run", help="run folder or URL (s3://bucket/run, ...)")
     c.set_defaults(fn=_cmd_validate)
 
     s = sub.add_parser("serve", help="serve the generate deployment on a cron schedule")

@@ -156,11 +156,20 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> RunConfig:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+    from .storage import is_url, read_location
+
+    if is_url(path):  # a URL run's frozen config.yaml (fan-out slices on other hosts read it)
+        try:
+            text = read_location(path).decode()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

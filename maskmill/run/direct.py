@@ -70,10 +70,10 @@ def run_direct(cfg: RunConfig, config_path: str | os.PathLike | None = None, sha
             bar.close()
     elif on_ready is not None:
         on_ready()
-    summary = summarize_run(layout.root)
+    summary = summarize_run(layout.location)
     summary.update(written=written, busy=busy, valid=None, contact_sheet=None, loaded_pipeline=bool(pending))
     if finalize and summary["complete"]:
-        summary.update(finalize_run(layout.root))
+        summary.update(finalize_run(layout.location))
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -118,8 +118,8 @@ def run_distributed(cfg: RunConfig, config_path: str | os.PathLike,
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    summary = summarize_run(layout.root)
+    summary = summarize_run(layout.location)
     summary.update(processes=state.num_processes, valid=None, contact_sheet=None)
     if summary["complete"]:
-        summary.update(finalize_run(layout.root))
+        summary.update(finalize_run(layout.location))
     return summary

@@ -14,9 +14,18 @@ A folder that holds a run of another config fingerprint is refused (`RunConflict
 both fingerprints and the differing keys) before anything is written; so is a rerun after the
 model's weights changed under the same name (e.g. retrained into the same folder). Partial
 shards are cleaned only under their lock, so a shard another worker is writing is never touched.
+
+`output` may be a URL (s3://bucket/prefix, gs://, memory://, file://; see maskmill.storage). A
+remote run has no lock files: object stores offer no exclusive create, so one direct runner
+writes a URL run at a time, and several machines share one through the Prefect fan-out
+(flows/fanout.py), where Prefect gives each shard to one flow run. Each shard's partial objects
+are removed by the worker about to write it (maskmill.run.claim). On resume, a complete shard
+whose files no longer match its stats (size, sha256: `RunLayout.damage`) loses its stats and is
+redone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,12 +35,13 @@ from typing import Any, Iterable
 import yaml
 
 from .. import __version__
-from ..atomic import write_if_changed
 from ..config import ConfigError, RunConfig
 from ..models import model_identity
 from ..plan import RunPlan
 from ..shards.layout import RunLayout
+from ..storage import check_output, is_url, protocol_of
 from .locks import ShardLock, lock_ids, run_guard
+from .writers_log import log_event
 
 CONFIG_COPY = "config.yaml"
 RUN_INFO = "run.json"
@@ -43,8 +53,18 @@ class RunConflictError(ConfigError):
     """The run folder holds a run made with another config."""
 
 
-def run_root(cfg: RunConfig) -> Path:
-    return Path(cfg.output).expanduser().resolve()
+def run_root(cfg: RunConfig) -> Path | str:
+    """The run's folder (absolute), or its URL as given (a file:// URL becomes its folder)."""
+    if is_url(cfg.output) and protocol_of(cfg.output) != "file":
+        return cfg.output.rstrip("/")
+    return RunLayout(cfg.output).root.expanduser().resolve()
+
+
+def check_output_location(cfg: RunConfig) -> None:
+    """One-line StorageError (a ConfigError-like ValueError) unless `cfg.output` can hold a run:
+    a known URL protocol with its backend installed and writable, or a folder that can be created
+    and written. Writes nothing but a probe object (URLs) or file (existing folders), removed at once."""
+    check_output(cfg.output)
 
 
 def identity(cfg: RunConfig) -> dict[str, Any]:
@@ -76,18 +96,16 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def read_run_info(root: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(root) / RUN_INFO
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    data = RunLayout(root).read_file(RUN_INFO)
+    return None if data is None else json.loads(data)
 
 
 def check_run_folder(cfg: RunConfig) -> None:
     """Raise RunConflictError if `cfg.output` holds another config's run. Reads only, writes nothing."""
     root = run_root(cfg)
+    layout = RunLayout(root)
     info = read_run_info(root)
     mine = cfg.fingerprint()
-    layout = RunLayout(root)
     strays = layout.strays()
     if strays:
         raise RunConflictError(
@@ -134,9 +152,15 @@ def _config_yaml(cfg: RunConfig) -> bytes:
     return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
 
 
-def resolved_config_path(cfg: RunConfig) -> Path:
-    """`config.yaml` of the run folder: the frozen, resolved config (written by prepare_run)."""
-    return run_root(cfg) / CONFIG_COPY
+def resolved_config_path(cfg: RunConfig) -> Path | str:
+    """`config.yaml` of the run (a path, or a URL): the frozen, resolved config (written by prepare_run)."""
+    layout = RunLayout(run_root(cfg))
+    return layout.location_of(layout.root / CONFIG_COPY)
+
+
+def _guard(layout: RunLayout):
+    """Run-wide mutual exclusion while preparing: flock on a folder; none on a URL (see the docstring)."""
+    return contextlib.nullcontext() if layout.remote else run_guard(layout.root)
 
 
 def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, clean: bool = True) -> RunLayout:
@@ -150,16 +174,17 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
     check_run_folder(cfg)  # read-only first: nothing is created in a foreign folder
     root = run_root(cfg)
     layout = RunLayout(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with run_guard(root):
+    layout.store.makedirs(layout.root)
+    with _guard(layout):
         check_run_folder(cfg)  # again, now that no other worker can be preparing it
-        for leftover in [*root.glob(".*.tmp"), root / "classes.json.tmp"]:  # our writes happen under
-            leftover.unlink(missing_ok=True)                                 # the guard: these are stale
+        if not layout.remote:  # our writes happen under the guard: these temporaries are stale
+            for leftover in [*layout.root.glob(".*.tmp"), layout.root / "classes.json.tmp"]:
+                leftover.unlink(missing_ok=True)
         layout.create()
         names = list(cfg.classes)
-        if not layout.classes_path.is_file() or layout.read_classes() != names:
+        if not layout.has_classes() or layout.read_classes() != names:
             layout.write_classes(names)
-        write_if_changed(root / CONFIG_COPY, _config_yaml(cfg))
+        layout.store.write_if_changed(layout.root / CONFIG_COPY, _config_yaml(cfg))
         if read_run_info(root) is None:
             plan = RunPlan(cfg)
             info = {"fingerprint": cfg.fingerprint(), "identity": identity(cfg),
@@ -167,27 +192,44 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
                     "config_path": str(config_path) if config_path is not None else None,
                     "num_shards": plan.num_shards, "total_samples": plan.total, "stride": plan.stride,
                     "maskmill": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_if_changed(root / RUN_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+            layout.store.write_if_changed(layout.root / RUN_INFO,
+                                          (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     if clean:
         clean_run(layout)
     return layout
 
 
-def clean_run(layout: RunLayout) -> dict[str, list]:
-    """Remove stale locks and the files of every partial shard nobody is writing. Returns what went."""
+def clean_run(layout: RunLayout) -> dict[str, Any]:
+    """Remove stale locks, the stats of complete shards whose files no longer match them (so they
+    are redone), and the files of every partial shard nobody is writing. Returns what went.
+
+    A URL run has no locks: its damaged shards lose their stats here, and each partial shard is
+    cleaned by the worker that writes it next (maskmill.run.claim), never by another one."""
+    damaged: dict[int, str] = {}
+    if layout.remote:
+        for sid in layout.completed_shards():
+            why = layout.damage(sid)
+            if why is not None and layout.drop_stats(sid):
+                damaged[sid] = why
+        return {"stale_locks": [], "damaged": damaged, "removed": []}
     removed_locks = [sid for sid in lock_ids(layout) if ShardLock(layout, sid).break_if_stale()]
     cleaned: list[str] = []
+    complete = set(layout.completed_shards())
     for sid in layout.shard_ids_on_disk():
         paths = layout.shard(sid)
-        if layout.is_complete(sid) and not any(p.exists() for p in paths.temporaries()):
+        why = layout.damage(sid) if sid in complete else None
+        if sid in complete and why is None and not any(Path(p).exists() for p in paths.temporaries()):
             continue
         lock = ShardLock(layout, sid)
         if lock.try_acquire():  # else: someone is writing it right now
             try:
+                if why is not None and layout.drop_stats(sid):
+                    damaged[sid] = why
+                    log_event(layout.root, sid, "damaged", reason=why)
                 cleaned += [str(p) for p in layout.clean_partial(sid)]
             finally:
                 lock.release()
-    return {"stale_locks": removed_locks, "removed": cleaned}
+    return {"stale_locks": removed_locks, "damaged": damaged, "removed": cleaned}
 
 
 def check_shard_ids(cfg: RunConfig, shard_ids: Iterable[int] | None) -> list[int]:
@@ -202,5 +244,6 @@ def check_shard_ids(cfg: RunConfig, shard_ids: Iterable[int] | None) -> list[int
 
 def pending_shards(cfg: RunConfig, layout: RunLayout, shard_ids: Iterable[int] | None = None) -> list[int]:
     """The run's shard ids (or those of `shard_ids`) that are not complete, ascending."""
-    return [s for s in check_shard_ids(cfg, shard_ids) if not layout.is_complete(s)]
+    complete = set(layout.completed_shards())  # one listing, not two lookups per shard
+    return [s for s in check_shard_ids(cfg, shard_ids) if s not in complete]
 

@@ -7,8 +7,7 @@ from typing import Any
 
 from ..preview import contact_sheet
 from ..shards.layout import RunLayout
-from ..shards.validate import validate_run
-from ..shards.stats import ShardStats
+from ..shards.validate import invalid_run_message, validate_run
 from .claim import shard_row
 from .folder import read_run_info
 
@@ -21,7 +20,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     info = read_run_info(layout.root) or {}
     rows, reasons = [], {}
     for sid in layout.completed_shards():
-        stats = ShardStats.read(layout.stats_path(sid))
+        stats = layout.read_stats(sid)
         rows.append(shard_row(stats))
         for r, n in stats.reasons.items():
             reasons[r] = reasons.get(r, 0) + n
@@ -29,9 +28,9 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     accepted = sum(r["accepted"] for r in rows)
     planned = info.get("total_samples")
     return {
-        "run_dir": str(layout.root),
-        "shards_dir": str(layout.shards_dir),
-        "manifests_dir": str(layout.manifests_dir),
+        "run_dir": str(layout.location),
+        "shards_dir": str(layout.location_of(layout.shards_dir)),
+        "manifests_dir": str(layout.location_of(layout.manifests_dir)),
         "fingerprint": info.get("fingerprint"),
         "shards": len(rows),
         "num_shards": num_shards,
@@ -45,12 +44,16 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def write_contact_sheet(run_dir: str | os.PathLike, max_samples: int = 64) -> Path:
-    return contact_sheet(run_dir, Path(run_dir) / CONTACT_SHEET, max_samples=max_samples)
+def write_contact_sheet(run_dir: str | os.PathLike, max_samples: int = 64) -> Path | str:
+    """Draw the run's contact sheet into the run (folder or URL); returns where it went."""
+    layout = RunLayout(run_dir)
+    return contact_sheet(run_dir, layout.location_of(layout.root / CONTACT_SHEET), max_samples=max_samples)
 
 
 def finalize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Validate a complete run and draw its contact sheet: {"valid", "validation", "contact_sheet"}."""
+    """Validate a complete run and draw its contact sheet: {"valid", "validation", "contact_sheet",
+    "problem"} (`problem`: one line for the user when the run does not validate, else None)."""
     report = validate_run(run_dir)
     sheet = str(write_contact_sheet(run_dir)) if report.ok and report.samples else None
-    return {"valid": report.ok, "validation": report.summary(), "contact_sheet": sheet}
+    return {"valid": report.ok, "validation": report.summary(), "contact_sheet": sheet,
+            "problem": None if report.ok else invalid_run_message(run_dir, report)}
