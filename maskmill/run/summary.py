@@ -17,7 +17,7 @@ CONTACT_SHEET = "contact_sheet.png"
 def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Counts over the run's completed shards (their stats files), and what is still missing."""
     layout = RunLayout(run_dir)
-    info = read_run_info(layout.root) or {}
+    info = read_run_info(layout.location) or {}
     rows, reasons = [], {}
     for sid in layout.completed_shards():
         stats = layout.read_stats(sid)

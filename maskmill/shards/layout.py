@@ -139,18 +139,16 @@ class RunLayout:
         p = self.shard(shard_id)
         return self.store.isfile(p.stats) and self.store.isfile(p.tar)
 
-    def damage(self, shard_id: int, check_hash: bool | None = None) -> str | None:
+    def damage(self, shard_id: int, check_hash: bool = True) -> str | None:
         """Why a complete shard's tar or manifest no longer matches its stats (size, sha256), else None.
 
-        Sizes are always compared; hashes (when the stats record them) by default on local runs
-        only: an object store's upload is whole or absent, a local file can be cut short in place.
+        Reads both files once to hash them (for a URL run, a download): what resuming costs.
         """
         p = self.shard(shard_id)
         try:
             stats = self.read_stats(shard_id)
         except (OSError, ValueError, TypeError) as e:
             return f"{p.stats.name} unreadable ({type(e).__name__})"
-        check_hash = (not self.remote) if check_hash is None else check_hash
         for path, size, digest in ((p.tar, stats.tar_bytes, stats.tar_sha256),
                                    (p.manifest, stats.manifest_bytes, stats.manifest_sha256)):
             if not self.store.isfile(path):

@@ -54,9 +54,9 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
 def _register_opener(location: str | os.PathLike) -> None:
     """Let webdataset open this URL's protocol through fsspec (file:// stays webdataset's own)."""
     if is_url(location) and protocol_of(location) != "file":
-        from webdataset import gopen
+        import importlib
 
-        gopen.gopen_schemes[protocol_of(location)] = _fsspec_gopen
+        importlib.import_module("webdataset.gopen").gopen_schemes[protocol_of(location)] = _fsspec_gopen
 
 
 def raw_samples(tar_path: str | os.PathLike) -> wds.WebDataset:
