@@ -194,6 +194,23 @@ def read_location(location: str | os.PathLike) -> bytes:
     return _local_path(location).read_bytes()
 
 
+def location_exists(location: str | os.PathLike) -> bool:
+    """True if a file is at the path or URL."""
+    if is_url(location) and protocol_of(location) != "file":
+        from fsspec.core import url_to_fs
+
+        fs, path = url_to_fs(str(location), use_listings_cache=False)
+        return fs.isfile(path)
+    return _local_path(location).is_file()
+
+
+def join_location(root: str | os.PathLike, *parts: str) -> str | Path:
+    """`root/part/...`: a Path for a folder, a string for a URL (which Path would mangle)."""
+    if is_url(root) and protocol_of(root) != "file":
+        return "/".join([str(root).rstrip("/"), *parts])
+    return _local_path(root).joinpath(*parts)
+
+
 def write_location(location: str | os.PathLike, data: bytes) -> str | Path:
     """Write one whole file named by a path or a URL (local: atomically, parents created)."""
     if is_url(location) and protocol_of(location) != "file":

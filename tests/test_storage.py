@@ -177,3 +177,33 @@ def test_cli_exits_non_zero_with_one_line_when_the_run_does_not_validate(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "does not validate (1 problem; first: 00001.tar: unreadable" in err
     assert "maskmill validate" in err
+
+
+# --- the bank cache at a URL -----------------------------------------------------------------------------
+def test_bank_cache_at_url_reuses_remembers_and_rebuilds_corrupted(memory_url):
+    import torch
+
+    from maskmill.prototypes import BankCache, load_bank
+    from test_prototypes import FP, class_bank
+
+    cache = BankCache(memory_url)
+    calls: list[str] = []
+
+    def build(name: str):
+        calls.append(name)
+        return class_bank(name)
+
+    first = cache.get_or_build(["cat"], FP, build)
+    entry = cache.entry_path("cat", FP)
+    assert isinstance(entry, str) and entry.startswith(memory_url + "/cat/")
+    second = cache.get_or_build(["cat", "dog"], FP, build)
+    assert second.reused == ["cat"] and calls == ["cat", "dog"]
+    assert torch.equal(load_bank(entry, expected_fingerprint=FP).vectors, first.bank.vectors)
+    cache.remember("cat", "k1", FP)
+    assert BankCache(memory_url).recall("cat", "k1") is not None  # a new process's view: no model load
+
+    fs = fsspec.filesystem("memory")
+    dog = cache.entry_path("dog", FP).removeprefix("memory://")
+    fs.pipe_file(dog, fs.cat_file(dog)[:-8] + b"\0" * 8)
+    third = cache.get_or_build(["dog"], FP, build)
+    assert third.built == ["dog"] and "dog" in third.rebuilt_after_error
