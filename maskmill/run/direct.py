@@ -6,7 +6,9 @@
 the orchestration-overhead benchmark, the subject of the kill test, and what accelerate ranks run
 when no Prefect server is configured. Several workers (processes, hosts on a shared filesystem,
 accelerate ranks, Prefect workers) may work on one run: the shard locks keep a shard from being
-written twice.
+written twice. A run at a URL (s3://...) has no lock files: run one direct runner per URL run (or
+accelerate ranks, which split the shards between them), and use the Prefect fan-out to share it
+between machines.
 
 Same config -> same samples, byte for byte, given the same hardware, torch build and torch
 thread count, and the same `batch_size` (batched convolutions round differently: another batch
