@@ -19,6 +19,7 @@ from maskmill.shards import RunLayout, iter_samples, raw_samples, validate_run  
 from maskmill.storage import StorageError, check_output  # noqa: E402
 
 from servers import s3_server  # noqa: E402
+from test_flows import prefect_api  # noqa: E402,F401  (the session's Prefect API server)
 from test_runner import save_tiny_pipeline, subprocess_env, write_config  # noqa: E402
 
 BUCKET = "maskmill-test"
@@ -128,3 +129,20 @@ def test_kill_between_tar_upload_and_stats_leaves_nothing_complete(tmp_path, tin
     rerun = run_direct(cfg, config, progress=False)
     assert rerun["written"] == [1, 2, 3] and rerun["valid"], rerun.get("validation")
     assert layout.completed_shards() == [0, 1, 2, 3]
+
+
+def test_flow_run_on_s3_tasks_read_the_frozen_config_from_the_bucket(tmp_path, tiny_model, s3_env, prefect_api):
+    """The generate_dataset flow on an s3:// output: its shard tasks load the run's frozen config.yaml
+    from the bucket (what fan-out slices on other hosts do), then it validates and draws the sheet."""
+    from flows.generate_dataset import generate_dataset
+    from maskmill.run.folder import resolved_config_path
+
+    url = f"s3://{BUCKET}/runs/flow"
+    config = write_config(tmp_path / "c.yaml", tiny_model, url, images_per_class=1)
+    cfg = load_config(config)
+    assert resolved_config_path(cfg) == f"{url}/config.yaml"
+    summary = generate_dataset(str(config))
+    assert summary["valid"] and summary["complete"] and summary["accepted"] == 4, summary
+    assert summary["run_dir"] == url and summary["contact_sheet"] == f"{url}/contact_sheet.png"
+    assert load_config(f"{url}/config.yaml").fingerprint() == cfg.fingerprint()
+    assert RunLayout(url).completed_shards() == [0, 1]
