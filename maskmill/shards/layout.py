@@ -71,9 +71,11 @@ class ShardPaths:
         return self.tar_tmp, self.manifest_tmp, self.stats_tmp
 
 
-def shard_paths(root: PurePath, shard_id: int) -> ShardPaths:
-    """Paths of shard `shard_id` under the run root `root` (the one naming rule writer and layout share)."""
+def shard_paths(root: PurePath | str, shard_id: int) -> ShardPaths:
+    """Paths of shard `shard_id` under the run root `root` (the one naming rule writer and layout share):
+    a local folder, or `RunLayout.root` of a URL run (a path inside its filesystem)."""
     name = shard_name(shard_id)
+    root = root if isinstance(root, PurePath) else Path(root)
     return ShardPaths(tar=root / SHARDS_DIR / f"{name}.tar", manifest=root / MANIFESTS_DIR / f"{name}.parquet",
                       stats=root / STATS_DIR / f"{name}_stats.json")
 
