@@ -42,6 +42,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from maskmill.config import load_config  # noqa: E402
 from maskmill.plan import RunPlan  # noqa: E402
 from maskmill.run.folder import resolved_config_path, run_root  # noqa: E402
+from maskmill.shards.validate import RunInvalidError  # noqa: E402
 from tasks import (  # noqa: E402
     plan_run,
     produce_shard_task,
@@ -157,7 +158,8 @@ def generate_dataset(config_path: str, overrides: list[str] | None = None,
         report = validate_run_task(run_dir)
         valid = report["ok"]
         if not valid:
-            raise RuntimeError(f"{run_dir} did not validate:\n{report['summary']}")
+            get_run_logger().error(report["summary"])
+            raise RunInvalidError(report["problem"])
         sheet = write_preview(run_dir) if report["samples"] else None
         card = write_card(run_dir)
     result = {

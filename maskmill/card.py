@@ -16,11 +16,9 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_write_bytes
 from .export import label_metadata
 from .shards.layout import RunLayout
 from .shards.reader import raw_samples
-from .shards.stats import ShardStats
 
 CARD = "README.md"
 DEFAULT_LICENSE = "other"
@@ -45,7 +43,7 @@ def _feature(value: Any) -> dict[str, Any]:
 
 def features(layout: RunLayout, names: list[str]) -> list[dict[str, Any]]:
     """Features of the first sample's fields; `json.classes` as a ClassLabel of the mask ids."""
-    first = next((s for sid in layout.completed_shards() for s in raw_samples(layout.tar_path(sid))), None)
+    first = next((s for sid in layout.completed_shards() for s in raw_samples(layout.tar_location(sid))), None)
     if first is None:  # every sample rejected: nothing to type
         return []
     meta = json.loads(first["json"])
@@ -63,7 +61,7 @@ def features(layout: RunLayout, names: list[str]) -> list[dict[str, Any]]:
 def _totals(layout: RunLayout, n_classes: int) -> dict[str, Any]:
     per_shard, reasons, samples, pixels = [], {}, [0] * (n_classes + 1), [0.0] * (n_classes + 1)
     for sid in layout.completed_shards():
-        st = ShardStats.read(layout.stats_path(sid))
+        st = layout.read_stats(sid)
         per_shard.append((st.shard, st.accepted, st.rejected))
         for r, n in st.reasons.items():
             reasons[r] = reasons.get(r, 0) + n
@@ -78,8 +76,8 @@ def _totals(layout: RunLayout, n_classes: int) -> dict[str, Any]:
             "rejected": sum(r for _, _, r in per_shard)}
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+def _read_yaml(data: bytes | None) -> dict[str, Any]:
+    return (yaml.safe_load(data) or {}) if data is not None else {}
 
 
 def dataset_card(run_dir: str | os.PathLike) -> str:
@@ -87,8 +85,9 @@ def dataset_card(run_dir: str | os.PathLike) -> str:
     layout = RunLayout(run_dir)
     classes = layout.read_classes()
     meta = label_metadata(classes)
-    cfg = _read_yaml(layout.root / "config.yaml")
-    info = json.loads((layout.root / "run.json").read_text()) if (layout.root / "run.json").is_file() else {}
+    cfg = _read_yaml(layout.read_file("config.yaml"))
+    run_json = layout.read_file("run.json")
+    info = json.loads(run_json) if run_json is not None else {}
     t = _totals(layout, len(classes))
     extractor = cfg.get("extractor") or {}
     header = {
@@ -112,7 +111,7 @@ def dataset_card(run_dir: str | os.PathLike) -> str:
         count = "-" if i == 0 else str(t["samples"][i])
         share = "-" if i == 0 else f"{t['share'][i]:.3f}"
         lines.append(f"| {i} | {name} | `{colour}` | {count} | {share} |")
-    lines += [f"| 255 | ignore | - | - | - |", "",
+    lines += ["| 255 | ignore | - | - | - |", "",
               "Masks are single-channel PNGs (`mask.png`): 0 background, k the k-th class, 255 uncertain (ignore in "
               "the loss). Samples per class counts the samples whose prompt named it.", "",
               "## How it was made", "",
@@ -131,19 +130,18 @@ def dataset_card(run_dir: str | os.PathLike) -> str:
     lines += ["", "## Loading it", "", "```python",
               "# maskmill's torch loader: (image float CxHxW, mask long HxW), classes merged by name across runs",
               "from maskmill.loader import run_dataset",
-              f"ds = run_dataset([\"{layout.root}\"])", "",
+              f"ds = run_dataset([\"{layout.location}\"])", "",
               "# webdataset (decode the mask yourself: .decode('pil') would make it RGB)",
               "import webdataset as wds",
-              f"ds = wds.WebDataset(\"{layout.root}/shards/{{{t['per_shard'][0][0] if t['per_shard'] else '00000'}.."
+              f"ds = wds.WebDataset(\"{layout.location}/shards/{{{t['per_shard'][0][0] if t['per_shard'] else '00000'}.."
               f"{t['per_shard'][-1][0] if t['per_shard'] else '00000'}}}.tar\")", "",
               "# Hugging Face datasets: this card's header types every field",
               "import datasets",
-              f"ds = datasets.load_dataset(\"{layout.root}\", split=\"train\")",
+              f"ds = datasets.load_dataset(\"{layout.location}\", split=\"train\")",
               "```", ""]
     return "\n".join(lines)
 
 
-def write_dataset_card(run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir) / CARD
-    atomic_write_bytes(path, dataset_card(run_dir).encode())
-    return path
+def write_dataset_card(run_dir: str | os.PathLike) -> Path | str:
+    """Write the card into the run (folder or URL), whole; returns where it went."""
+    return RunLayout(run_dir).write_file(CARD, dataset_card(run_dir).encode())

@@ -69,6 +69,7 @@ def _cmd_generate(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .run.orchestrate import generate
+    from .shards.validate import RunInvalidError
 
     ready = (lambda: print("READY", flush=True)) if a.ready else None
     try:
@@ -77,15 +78,21 @@ def _cmd_generate(a) -> int:
     except ConfigError as e:  # e.g. another config's run started in this folder meanwhile
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInvalidError as e:  # the flow finished the run but it does not validate
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if summary is None:
         return 0  # not the main process of a multi-process launch: it prints for everyone
     summary = {k: v for k, v in summary.items() if k != "per_shard"}
     if a.json:
         print(json.dumps(summary, default=str), flush=True)
-        return 0
-    print(json.dumps(summary, indent=1, default=str))
-    print(f"shards:        {summary['shards_dir']}")
-    print(f"contact sheet: {summary['contact_sheet']}")
+    else:
+        print(json.dumps(summary, indent=1, default=str))
+        print(f"shards:        {summary['shards_dir']}")
+        print(f"contact sheet: {summary['contact_sheet']}")
+    if summary.get("valid") is False:  # the direct runner finished the run but it does not validate
+        print(f"error: {summary.get('problem') or 'the run does not validate'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -103,13 +110,14 @@ class UsageError(ValueError):
     """A user error the command reports as one line (exit 2)."""
 
 
-def _check_run(run: Path) -> Path:
-    """`run` if it is a maskmill run folder (it has classes.json), else UsageError naming what is wrong."""
+def _check_run(run: str) -> str:
+    """`run` (a folder or URL) if it holds a maskmill run (classes.json), else UsageError naming what is wrong."""
     from .shards.layout import RunLayout
+    from .storage import is_url
 
-    if not run.is_dir():
+    if not is_url(run) and not Path(run).is_dir():
         raise UsageError(f"run folder {run} does not exist")
-    if not RunLayout(run).classes_path.is_file():
+    if not RunLayout(run).has_classes():
         raise UsageError(f"{run} is not a maskmill run folder (no classes.json); give the folder a run wrote, "
                          f"e.g. outputs/shapes-demo")
     return run
@@ -124,7 +132,7 @@ def _cmd_preview(a) -> int:
         raise UsageError(f"--max must be >= 1, got {a.max}")
     if not RunLayout(run).completed_shards():
         raise UsageError(f"{run} has no completed shard yet: nothing to preview")
-    out = a.out or run / "contact_sheet.png"
+    out = a.out or f"{str(run).rstrip('/')}/contact_sheet.png"
     try:
         contact_sheet(run, out, max_samples=a.max)
     except ValueError as e:  # completed shards, but every sample was rejected
@@ -236,13 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     v = sub.add_parser("preview", help="contact sheet of a run's samples with mask overlays")
-    v.add_argument("run", type=Path, metavar="RUN", help="the run folder (the config's output)")
-    v.add_argument("--out", type=Path, help="PNG to write (default RUN/contact_sheet.png)")
+    v.add_argument("run", metavar="RUN", help="the run folder or URL (the config's output)")  # str: Path mangles URLs
+    v.add_argument("--out", help="PNG path or URL to write (default RUN/contact_sheet.png)")
     v.add_argument("--max", type=int, default=64, help="samples on the sheet, in shard order (default 64)")
     v.set_defaults(fn=_cmd_preview)
 
     c = sub.add_parser("validate", help="read every shard of a run and check it (exit 1 on any problem)")
-    c.add_argument("run", type=Path, metavar="RUN", help="the run folder (the config's output)")
+    c.add_argument("run", metavar="RUN", help="the run folder or URL (the config's output)")
     c.set_defaults(fn=_cmd_validate)
 
     e = sub.add_parser("export", help="write a run's samples as image/mask PNG pairs for mmsegmentation or a folder")

@@ -205,12 +205,22 @@ def parse_config(data: dict, source: str = "config", check_files: bool = True) -
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; ConfigError if it is missing, invalid or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """The top-level mapping of a YAML file (a path, or a URL: a URL run's frozen config.yaml, which
+    fan-out slices on other hosts read); ConfigError if it is missing, invalid or not a mapping."""
+    from .storage import is_url, read_location
+
+    if is_url(path):
+        try:
+            text = read_location(path).decode()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

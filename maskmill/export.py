@@ -1,6 +1,7 @@
 """Export a run's samples as image/mask PNG pairs in the layouts segmentation trainers read.
 
     export_run("outputs/shapes-demo", "mmseg", "exports/shapes", val_fraction=0.1, seed=0)
+    export_run("s3://bucket/shapes-demo", "folder", "exports/shapes")   # a run at a URL; `out` is local
 
 `mmseg` (mmsegmentation's custom dataset; detectron2 reads the same pairs):
 
@@ -59,13 +60,13 @@ def _dirs(out: Path, fmt: str, split: str) -> tuple[Path, Path]:
     return out / "images", out / "masks"
 
 
-def _check(run: Path, fmt: str, out: Path, val_fraction: float) -> RunLayout:
+def _check(run: str | os.PathLike, fmt: str, out: Path, val_fraction: float) -> RunLayout:
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not 0 <= val_fraction < 1:
         raise ExportError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    layout = RunLayout(run)
-    if not layout.classes_path.is_file():
+    layout = RunLayout(run)  # a folder or a URL
+    if not layout.has_classes():
         raise ExportError(f"{run} is not a maskmill run: no {layout.classes_path.name}")
     if not layout.completed_shards():
         raise ExportError(f"{run} has no completed shard to export")
@@ -77,13 +78,13 @@ def _check(run: Path, fmt: str, out: Path, val_fraction: float) -> RunLayout:
 def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike, val_fraction: float = 0.1,
                seed: int = 0) -> ExportReport:
     """Write every accepted sample of `run` to `out` in layout `fmt`; see the module docstring."""
-    run, out = Path(run), Path(out)
+    out = Path(out)
     layout = _check(run, fmt, out, val_fraction)
     meta = label_metadata(layout.read_classes())
     report = ExportReport(out)
     keys: dict[str, list[str]] = {s: [] for s in SPLITS}
     for shard_id in layout.completed_shards():
-        for s in raw_samples(layout.tar_path(shard_id)):
+        for s in raw_samples(layout.tar_location(shard_id)):
             key = s["__key__"]
             split = split_of(key, val_fraction, seed)
             img_dir, ann_dir = _dirs(out, fmt, split)

@@ -1,6 +1,7 @@
 """A contact sheet of a run: each sample's image with its mask overlaid, class names beneath.
 
     contact_sheet("outputs/run-1", "outputs/run-1/preview.png", max_samples=64)
+    contact_sheet("s3://bucket/run-1", "s3://bucket/run-1/preview.png")    # runs and sheets at URLs too
 
 Every class id gets its own colour (the same in every tile and in the names under it),
 class boundaries are outlined, ignore pixels (255) are hatched in grey, background is left
@@ -9,6 +10,7 @@ pixels stay visible; large ones are shrunk to the tile.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -20,6 +22,7 @@ from maskmill.shards.layout import RunLayout
 from maskmill.shards.reader import DecodedSample, iter_samples
 from maskmill.shards.labels import class_color
 from maskmill.shards.records import BACKGROUND, IGNORE
+from maskmill.storage import write_location
 
 SHEET_BG = (28, 28, 28)
 TEXT = (235, 235, 235)
@@ -119,14 +122,15 @@ def contact_sheet(
     max_samples: int = 64,
     tile: int = 128,
     columns: int | None = None,
-) -> Path:
+) -> Path | str:
     """Write a PNG grid of the run's first `max_samples` samples (completed shards, shard order).
 
     Each cell: the image (fitted to `tile` px) with its mask overlaid, then its key and its
-    class names in their overlay colours (grey: prompted but no pixels). Returns `out_png`.
+    class names in their overlay colours (grey: prompted but no pixels). `root` and `out_png` may
+    be folders/paths or URLs; the PNG is written whole. Returns `out_png` (a Path unless a URL).
     """
     layout = RunLayout(root)
-    names = layout.read_classes() if layout.classes_path.is_file() else None
+    names = layout.read_classes() if layout.has_classes() else None
     samples = list(iter_samples(root, max_samples=max_samples))  # at most max_samples, small
     if not samples:
         raise ValueError(f"{root}: no samples in completed shards")
@@ -148,7 +152,6 @@ def contact_sheet(
         sheet.paste(tile_img, (x0 + (tile - tile_img.width) // 2, y0 + (tile - tile_img.height) // 2))
         _draw_labels(draw, font, x0, y0 + tile + 2, tile, line_h, s.key, _label_entries(s, names))
 
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG")
-    return out
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return write_location(out_png, buf.getvalue())

@@ -36,7 +36,7 @@ from maskmill.shards import (
     validate_run,
     write_shard,
 )
-from maskmill.shards import writer as writer_module
+from maskmill.atomic import atomic_write_bytes
 from maskmill.shards.labels import class_color
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,7 +430,7 @@ def test_rewriting_a_shard_drops_its_old_completion_marker_first(tmp_path, monke
 
     def record_state(self, stats):
         seen.append(layout.stats_path(0).exists())
-        writer_module.atomic_write_bytes(self.paths.stats, json.dumps(stats.to_dict()).encode())
+        atomic_write_bytes(self.paths.stats, json.dumps(stats.to_dict()).encode())
 
     monkeypatch.setattr(ShardWriter, "_write_stats", record_state)
     write_shard(layout.root, 0, make_records(0, 6))

@@ -1,6 +1,7 @@
 """Prototype banks on disk: `<stem>.safetensors` (the vectors) + `<stem>.json` (metadata, fingerprint).
 
-The sidecar is written last, both atomically: its presence marks a complete bank. It records a
+The sidecar is written last, both atomically (whole objects at a URL: s3://, memory://, ...): its
+presence marks a complete bank. It records a
 sha256 of the tensor bytes, so `load_bank` refuses a corrupted file, and the fingerprint, so it
 refuses a bank built with other features than the caller expects. The fingerprint's hash (and one
 per key) is recomputed on load: a sidecar edited by hand (a timestep changed) is refused, the
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write, atomic_write_bytes
+from ..storage import is_url, read_location, write_location
 from .bank import PrototypeBank, PrototypeMeta
 from .fingerprint import (canonical_json, edited_keys, fingerprint_differences, fingerprint_hash,
                           fingerprint_key_hashes)
@@ -35,8 +36,11 @@ class FingerprintMismatchError(BankError):
     """The bank was built with other features/settings than the caller expects."""
 
 
-def bank_paths(path: str | Path) -> tuple[Path, Path]:
-    """`x/bank.safetensors` (or `x/bank`) -> (tensor file, JSON sidecar)."""
+def bank_paths(path: str | Path) -> tuple[Path, Path] | tuple[str, str]:
+    """`x/bank.safetensors` (or `x/bank`) -> (tensor file, JSON sidecar); strings for a URL."""
+    if is_url(path):
+        stem = str(path).removesuffix(".safetensors").removesuffix(".json")
+        return f"{stem}.safetensors", f"{stem}.json"
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -48,37 +52,36 @@ def _tensor_sha256(vectors: torch.Tensor) -> str:
 
 def save_bank(bank: PrototypeBank, path: str | Path, fingerprint: dict | None = None) -> Path:
     """Write `<stem>.safetensors` then `<stem>.json` (last: its presence marks a complete bank)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensor_path, meta_path = bank_paths(path)
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint if fingerprint is not None else bank.fingerprint
     if fingerprint is None:
         raise ValueError("a bank is saved with a fingerprint: pass one or set bank.fingerprint")
     vectors = bank.vectors.float().contiguous()
-    atomic_write(tensor_path, lambda p: save_file({"vectors": vectors}, str(p)))
+    write_location(tensor_path, save({"vectors": vectors}))
     sidecar = {
         "format_version": FORMAT_VERSION,
         "fingerprint": json.loads(canonical_json(fingerprint)),
         "fingerprint_hash": fingerprint_hash(fingerprint),
         "fingerprint_key_hashes": fingerprint_key_hashes(fingerprint),
-        "tensor_file": tensor_path.name,
+        "tensor_file": str(tensor_path).rsplit("/", 1)[-1],
         "tensor_sha256": _tensor_sha256(vectors),
         "shape": list(vectors.shape),
         "classes": bank.classes,
         "prototypes": [asdict(m) for m in bank.meta],
     }
-    atomic_write_bytes(meta_path, json.dumps(sidecar, indent=1).encode())
+    write_location(meta_path, json.dumps(sidecar, indent=1).encode())
     return tensor_path
 
 
 def load_bank(path: str | Path, expected_fingerprint: dict | None = None) -> PrototypeBank:
     """Read a bank; refuse unreadable/corrupted files and (if given) a different fingerprint."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     tensor_path, meta_path = bank_paths(path)
     try:
-        sidecar = json.loads(meta_path.read_text())
+        sidecar = json.loads(read_location(meta_path))
         meta = [PrototypeMeta(p["class_name"], p["side"], p["kind"], tuple(p["support_keys"]))
                 for p in sidecar["prototypes"]]
         stored_hash, fingerprint = sidecar["tensor_sha256"], sidecar["fingerprint"]
@@ -96,7 +99,7 @@ def load_bank(path: str | Path, expected_fingerprint: dict | None = None) -> Pro
             f"not to the recorded fingerprint_hash {recorded}"
             + (f" ({', '.join(named)})" if named else "") + "; rebuild the bank instead of editing it")
     try:
-        vectors = load_file(str(tensor_path))["vectors"]
+        vectors = load(read_location(tensor_path))["vectors"]
     except Exception as e:  # noqa: BLE001
         raise BankCorruptedError(f"bank tensors {tensor_path} are unreadable: {type(e).__name__}: {e}") from None
     actual_hash = _tensor_sha256(vectors)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..storage import join_location
 from .bank import merge_banks
 from .bank_files import load_bank, save_bank
 from .cache import BankCache, bank_settings, class_cache_key
@@ -116,7 +117,7 @@ def build_or_reuse(class_name: str, cache_root: str | Path, spec: dict) -> dict:
             "timings": timings, "rebuilt_after_error": result.rebuilt_after_error.get(class_name)}
 
 
-def merge_class_banks(results: list[dict], cache_root: str | Path, out: str | Path | None = None) -> Path:
+def merge_class_banks(results: list[dict], cache_root: str | Path, out: str | Path | None = None) -> Path | str:
     """Merge the per-class banks `build_or_reuse` returned into one bank file; returns its path.
 
     out: default `<cache_root>/.merged/<hash of the merged fingerprint>/bank.safetensors`.
@@ -127,5 +128,5 @@ def merge_class_banks(results: list[dict], cache_root: str | Path, out: str | Pa
     # class's bank fingerprint hash instead, so the merged file still says exactly what it holds.
     fingerprint["class_banks"] = {r["class"]: r["fingerprint_hash"] for r in results}
     if out is None:
-        out = Path(cache_root) / MERGED_DIR / fingerprint_hash(fingerprint) / "bank.safetensors"
+        out = join_location(cache_root, MERGED_DIR, fingerprint_hash(fingerprint), "bank.safetensors")
     return save_bank(merged, out, fingerprint)

@@ -103,8 +103,8 @@ class BankBuildConfig(ClassSettings):
             return
         from ..shards import RunLayout
 
-        layout = RunLayout(self.support)
-        if not layout.classes_path.exists():
+        layout = RunLayout(self.support)  # a folder or a URL
+        if not layout.has_classes():
             raise ConfigError(f"key 'support': must be {GENERATE!r} or a dataset run folder; "
                               f"{self.support} has no classes.json")
         missing = [c for c in self.classes if c not in layout.read_classes()]
@@ -121,8 +121,12 @@ class BankBuildConfig(ClassSettings):
         from ..config import load_config
         from ..run.folder import CONFIG_COPY
 
-        copy = Path(self.support) / CONFIG_COPY
-        run_stuff = load_config(copy, check_files=False).stuff_classes if copy.is_file() else []
+        from ..shards import RunLayout
+
+        layout = RunLayout(self.support)
+        copy = layout.root / CONFIG_COPY
+        run_stuff = (load_config(layout.location_of(copy), check_files=False).stuff_classes
+                     if layout.store.isfile(copy) else [])
         return [c for c in self.classes if c in run_stuff]
 
     def settings_for(self, class_name: str) -> dict[str, Any]:
@@ -150,7 +154,7 @@ class BankBuildConfig(ClassSettings):
                        "seed": int(s["seed"]), "extractor": extractor.model_dump(),
                        "bg_soft_threshold": float(s["bg_soft_threshold"]), "filter": rules.model_dump()}
         else:
-            support = {"kind": "run", "run_dir": str(Path(self.support).resolve())}
+            support = {"kind": "run", "run_dir": _run_location(self.support)}
         return {
             "class": class_name,
             "model": self.model,
@@ -192,3 +196,12 @@ def config_from_args(argv: list[str] | None = None, prog: str | None = None) -> 
     p = argparse.ArgumentParser(prog=prog, description="Build OVDiff prototype banks (cached per class).")
     add_bank_build_arguments(p)
     return config_from_namespace(p.parse_args(argv))
+
+
+def _run_location(support: str) -> str:
+    """A support run as the cache keys name it: an absolute folder, or its URL as given."""
+    from ..storage import is_url, protocol_of
+
+    if is_url(support) and protocol_of(support) != "file":
+        return support.rstrip("/")
+    return str(Path(support).resolve())

@@ -1,6 +1,7 @@
 """A per-class cache of prototype banks keyed on the fingerprint, with a cheap key index in front.
 
-Layout: `root/<safe class name>/<fingerprint hash>/bank.{safetensors,json}`. Asking for classes
+Layout: `root/<safe class name>/<fingerprint hash>/bank.{safetensors,json}`; `root` may be a
+folder or a URL (s3://bucket/banks, ...). Asking for classes
 {A, B} after {A} was built with the same fingerprint builds only B; changing the model, the
 feature extractor or a setting changes the hash, so stale banks are never reused (and stay on
 disk until someone deletes them). Class names come from users: they are percent-encoded into
@@ -24,9 +25,9 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from ..atomic import atomic_write_bytes
+from ..storage import is_url, join_location, location_exists, read_location, write_location
 from .bank import PrototypeBank, merge_banks
-from .bank_files import BankError, load_bank, save_bank, with_fingerprint
+from .bank_files import BankError, bank_paths, load_bank, save_bank, with_fingerprint
 from .fingerprint import canonical_json, fingerprint_hash, maskmill_version
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,13 @@ class BankCache:
     """Banks of single classes under `root`, one directory per (class, fingerprint)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = root.rstrip("/") if is_url(root) else Path(root)
 
-    def entry_path(self, class_name: str, fingerprint: dict) -> Path:
+    def entry_path(self, class_name: str, fingerprint: dict) -> Path | str:
         """`root/<class>/<hash>/bank.safetensors`, checked to lie inside root."""
-        path = self.root / safe_class_dirname(class_name) / fingerprint_hash(fingerprint) / BANK_FILE
+        path = join_location(self.root, safe_class_dirname(class_name), fingerprint_hash(fingerprint), BANK_FILE)
+        if isinstance(path, str):  # a URL: safe_class_dirname already refused separators and '..'
+            return path
         # Defence in depth: even a name the checks above missed must not leave root.
         root = self.root.resolve()
         if root not in path.resolve().parents:
@@ -87,7 +90,7 @@ class BankCache:
     def load(self, class_name: str, fingerprint: dict) -> PrototypeBank | None:
         """The cached bank, None if absent; BankError if present but unusable."""
         path = self.entry_path(class_name, fingerprint)
-        if not path.with_suffix(".json").exists():  # the sidecar is written last: no sidecar, no bank
+        if not location_exists(bank_paths(path)[1]):  # the sidecar is written last: no sidecar, no bank
             return None
         bank = load_bank(path, expected_fingerprint=fingerprint)
         if bank.classes != [class_name]:
@@ -99,24 +102,22 @@ class BankCache:
             raise ValueError(f"build_fn for {class_name!r} returned a bank of classes {bank.classes}")
         return save_bank(bank, self.entry_path(class_name, fingerprint), fingerprint)
 
-    def key_path(self, class_name: str, key: str) -> Path:
-        return self.root / safe_class_dirname(class_name) / KEYS_DIR / f"{key}.json"
+    def key_path(self, class_name: str, key: str) -> Path | str:
+        return join_location(self.root, safe_class_dirname(class_name), KEYS_DIR, f"{key}.json")
 
     def remember(self, class_name: str, key: str, fingerprint: dict) -> None:
         """Record that cheap key `key` built the bank with this fingerprint."""
         entry = {"class": class_name, "key": key, "fingerprint": json.loads(canonical_json(fingerprint)),
                  "fingerprint_hash": fingerprint_hash(fingerprint)}
-        path = self.key_path(class_name, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(entry, indent=1, sort_keys=True).encode())
+        write_location(self.key_path(class_name, key), json.dumps(entry, indent=1, sort_keys=True).encode())
 
     def recall(self, class_name: str, key: str) -> dict | None:
         """The fingerprint cheap key `key` built, if its bank is still there and loads; else None."""
         path = self.key_path(class_name, key)
-        if not path.exists():
+        if not location_exists(path):
             return None
         try:
-            fingerprint = json.loads(path.read_text())["fingerprint"]
+            fingerprint = json.loads(read_location(path))["fingerprint"]
             return fingerprint if self.load(class_name, fingerprint) is not None else None
         except (BankError, KeyError, ValueError, OSError) as e:
             log.warning("cache key %s unusable, checking the full fingerprint: %s", path, e)

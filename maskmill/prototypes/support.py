@@ -240,12 +240,13 @@ def run_identity(run_dir: str | Path) -> dict:
 
     layout = RunLayout(run_dir)
     h = hashlib.sha256()
-    h.update(layout.classes_path.read_bytes() if layout.classes_path.exists() else b"")
+    h.update(layout.read_file("classes.json") or b"")
     shards = layout.completed_shards()
     for sid in shards:
         h.update(f"{sid}:".encode())
-        h.update(layout.stats_path(sid).read_bytes())
-    return {"run": str(Path(run_dir).resolve()), "shards": len(shards), "content": h.hexdigest()[:16]}
+        h.update(layout.store.read_bytes(layout.stats_path(sid)))
+    run = layout.location if layout.remote else layout.root.resolve()
+    return {"run": str(run), "shards": len(shards), "content": h.hexdigest()[:16]}
 
 
 def support_from_run(run_dir: str | Path, class_name: str, n: int, min_pixels: int = 1) -> SupportSet:
@@ -255,9 +256,10 @@ def support_from_run(run_dir: str | Path, class_name: str, n: int, min_pixels: i
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    layout = RunLayout(run_dir)
-    if not layout.classes_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a dataset run: no classes.json at {layout.classes_path}")
+    layout = RunLayout(run_dir)  # a folder or a URL
+    if not layout.has_classes():
+        raise FileNotFoundError(f"{run_dir} is not a dataset run: no classes.json at "
+                                f"{layout.location_of(layout.classes_path)}")
     names = layout.read_classes()
     if class_name not in names:
         raise ValueError(f"class {class_name!r} is not in run {run_dir} (its classes: {', '.join(names)})")

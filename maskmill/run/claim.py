@@ -22,12 +22,17 @@ def produce_claimed(cfg: RunConfig, layout: RunLayout, shard_id: int, pipe, extr
     has already given the shard exclusively, such as a fan-out slice started again after its
     first run crashed on a host whose locks nobody can break.
 
+    A run at a URL has no lock files (object stores cannot create one exclusively): `claim` is
+    ignored there, and the caller must be the shard's only writer (one direct runner, or the
+    fan-out's assignment); its writers.jsonl events are not kept either (objects cannot be appended to).
+
     Returns {"shard_id", "status"} with status "written" (plus the shard's stats), "complete"
     (done before), or "busy" (another live worker holds its lock). Partial files of the shard
     (an interrupted or failed earlier attempt) are removed first, so a retry simply redoes it.
     """
     if layout.is_complete(shard_id):
         return {"shard_id": shard_id, "status": "complete"}
+    claim = claim and not layout.remote
     lock = ShardLock(layout, shard_id)
     if claim and not lock.try_acquire():
         return {"shard_id": shard_id, "status": "busy", "owner": lock.owner()}
@@ -35,18 +40,23 @@ def produce_claimed(cfg: RunConfig, layout: RunLayout, shard_id: int, pipe, extr
         if layout.is_complete(shard_id):  # finished by another worker since we looked
             return {"shard_id": shard_id, "status": "complete"}
         layout.clean_partial(shard_id)
-        log_event(layout.root, shard_id, "claimed")
+        _log(layout, shard_id, "claimed")
         try:
-            stats = produce_shard(cfg, shard_id, pipe, layout.root, extractor=extractor, progress=progress,
+            stats = produce_shard(cfg, shard_id, pipe, layout.location, extractor=extractor, progress=progress,
                                   generation_gate=generation_gate)
         except BaseException as e:
-            log_event(layout.root, shard_id, "failed", error=f"{type(e).__name__}: {e}")
+            _log(layout, shard_id, "failed", error=f"{type(e).__name__}: {e}")
             raise
-        log_event(layout.root, shard_id, "written", accepted=stats.accepted, rejected=stats.rejected)
+        _log(layout, shard_id, "written", accepted=stats.accepted, rejected=stats.rejected)
         return {"status": "written", **shard_row(stats)}
     finally:
         if claim:
             lock.release()
+
+
+def _log(layout: RunLayout, shard_id: int, event: str, **extra: Any) -> None:
+    if not layout.remote:
+        log_event(layout.root, shard_id, event, **extra)
 
 
 def shard_row(stats: ShardStats) -> dict[str, Any]:

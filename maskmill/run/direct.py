@@ -6,7 +6,9 @@
 the orchestration-overhead benchmark, the subject of the kill test, and what accelerate ranks run
 when no Prefect server is configured. Several workers (processes, hosts on a shared filesystem,
 accelerate ranks, Prefect workers) may work on one run: the shard locks keep a shard from being
-written twice.
+written twice. A run at a URL (s3://...) has no lock files: run one direct runner per URL run (or
+accelerate ranks, which split the shards between them), and use the Prefect fan-out to share it
+between machines.
 
 Same config -> same samples, byte for byte, given the same hardware, torch build and torch
 thread count, and the same `batch_size` (batched convolutions round differently: another batch
@@ -62,11 +64,11 @@ def run_direct(cfg: RunConfig, config_path: str | os.PathLike | None = None, sha
                 progress_display.note(f"shard {sid} {outcome['status']}")
     elif on_ready is not None:
         on_ready()
-    summary = summarize_run(layout.root)
+    summary = summarize_run(layout.location)
     summary.update(written=written, busy=busy, valid=None, contact_sheet=None, card=None,
                    loaded_pipeline=bool(pending))
     if finalize and summary["complete"]:
-        summary.update(finalize_run(layout.root))
+        summary.update(finalize_run(layout.location))
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -111,8 +113,8 @@ def run_distributed(cfg: RunConfig, config_path: str | os.PathLike,
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    summary = summarize_run(layout.root)
+    summary = summarize_run(layout.location)
     summary.update(processes=state.num_processes, valid=None, contact_sheet=None, card=None)
     if summary["complete"]:
-        summary.update(finalize_run(layout.root))
+        summary.update(finalize_run(layout.location))
     return summary

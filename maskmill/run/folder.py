@@ -17,13 +17,21 @@ completed no shard has nothing to protect: prepare_run replaces it (one logged l
 its shards is being written. Partial shards are cleaned only under their lock, so a shard another
 worker is writing is never touched. An output that cannot be created or written is refused first
 (`check_output_writable`).
+
+`output` may be a URL (s3://bucket/prefix, gs://, memory://, file://; see maskmill.storage). A
+remote run has no lock files: object stores offer no exclusive create, so one direct runner
+writes a URL run at a time, and several machines share one through the Prefect fan-out
+(flows/fanout.py), where Prefect gives each shard to one flow run. Each shard's partial objects
+are removed by the worker about to write it (maskmill.run.claim). On resume, a complete shard
+whose files no longer match its stats (size, sha256: `RunLayout.damage`) loses its stats and is
+redone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,12 +39,13 @@ from typing import Any, Iterable
 import yaml
 
 from .. import __version__
-from ..atomic import write_if_changed
 from ..config import ConfigError, RunConfig
 from ..models import model_identity
 from ..plan import RunPlan
 from ..shards.layout import RunLayout
+from ..storage import StorageError, check_output, is_url, protocol_of
 from .locks import ShardLock, lock_ids, run_guard
+from .writers_log import log_event
 
 CONFIG_COPY = "config.yaml"
 RUN_INFO = "run.json"
@@ -52,28 +61,19 @@ class RunConflictError(ConfigError):
 
 
 def check_output_writable(output: str) -> None:
-    """Refuse (ConfigError, one line) an output folder that cannot be created or written.
-
-    Asks the filesystem itself: a folder is made and removed at once in the output (or in its
-    nearest existing parent), so permissions, read-only mounts and special filesystems (/proc)
-    all give their real answer, for root as for anyone else.
-    """
-    path = Path(output).expanduser().resolve()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
-        raise ConfigError(f"output {output!r} {where}, not a folder: choose another `output`")
+    """Refuse (ConfigError, one line) an output that cannot hold a run: a folder that cannot be
+    created or written, or a URL whose protocol, backend or bucket does not work (maskmill.storage)."""
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".maskmill-probe-", dir=existing))
-    except OSError as e:
-        raise ConfigError(f"output {output!r} cannot be written: no folder can be made in {existing} "
-                          f"({e.strerror or e})") from None
+        check_output(output)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
-def run_root(cfg: RunConfig) -> Path:
-    return Path(cfg.output).expanduser().resolve()
+def run_root(cfg: RunConfig) -> Path | str:
+    """The run's folder (absolute), or its URL as given (a file:// URL becomes its folder)."""
+    if is_url(cfg.output) and protocol_of(cfg.output) != "file":
+        return cfg.output.rstrip("/")
+    return RunLayout(cfg.output).root.expanduser().resolve()
 
 
 def identity(cfg: RunConfig) -> dict[str, Any]:
@@ -105,10 +105,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def read_run_info(root: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(root) / RUN_INFO
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    data = RunLayout(root).read_file(RUN_INFO)
+    return None if data is None else json.loads(data)
 
 
 def check_run_folder(cfg: RunConfig) -> None:
@@ -116,9 +114,9 @@ def check_run_folder(cfg: RunConfig) -> None:
     if it cannot be written. Writes nothing (but check_output_writable's probe folder, removed at once)."""
     check_output_writable(cfg.output)
     root = run_root(cfg)
+    layout = RunLayout(root)
     info = read_run_info(root)
     mine = cfg.fingerprint()
-    layout = RunLayout(root)
     strays = layout.strays()
     if strays:
         raise RunConflictError(
@@ -164,9 +162,15 @@ def _config_yaml(cfg: RunConfig) -> bytes:
     return (header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).encode()
 
 
-def resolved_config_path(cfg: RunConfig) -> Path:
-    """`config.yaml` of the run folder: the frozen, resolved config (written by prepare_run)."""
-    return run_root(cfg) / CONFIG_COPY
+def resolved_config_path(cfg: RunConfig) -> Path | str:
+    """`config.yaml` of the run (a path, or a URL): the frozen, resolved config (written by prepare_run)."""
+    layout = RunLayout(run_root(cfg))
+    return layout.location_of(layout.root / CONFIG_COPY)
+
+
+def _guard(layout: RunLayout):
+    """Run-wide mutual exclusion while preparing: flock on a folder; none on a URL (see the docstring)."""
+    return contextlib.nullcontext() if layout.remote else run_guard(layout.root)
 
 
 def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, clean: bool = True) -> RunLayout:
@@ -181,8 +185,8 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
     check_run_folder(cfg)  # read-only first: nothing is created in a foreign folder
     root = run_root(cfg)
     layout = RunLayout(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with run_guard(root):
+    layout.store.makedirs(layout.root)
+    with _guard(layout):
         check_run_folder(cfg)  # again, now that no other worker can be preparing it
         info = read_run_info(root)
         if info is not None and (info.get("fingerprint") != cfg.fingerprint()
@@ -191,13 +195,14 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
                 raise RunConflictError(f"refusing to write into {root}: it holds a run of another config "
                                        f"(fingerprint {info.get('fingerprint')}, this one {cfg.fingerprint()})")
             _replace_partial_run(cfg, layout, info)
-        for leftover in [*root.glob(".*.tmp"), root / "classes.json.tmp"]:  # our writes happen under
-            leftover.unlink(missing_ok=True)                                 # the guard: these are stale
+        if not layout.remote:  # our writes happen under the guard: these temporaries are stale
+            for leftover in [*layout.root.glob(".*.tmp"), layout.root / "classes.json.tmp"]:
+                leftover.unlink(missing_ok=True)
         layout.create()
         names = list(cfg.classes)
-        if not layout.classes_path.is_file() or layout.read_classes() != names:
+        if not layout.has_classes() or layout.read_classes() != names:
             layout.write_classes(names)
-        write_if_changed(root / CONFIG_COPY, _config_yaml(cfg))
+        layout.store.write_if_changed(layout.root / CONFIG_COPY, _config_yaml(cfg))
         if read_run_info(root) is None:
             plan = RunPlan(cfg)
             info = {"fingerprint": cfg.fingerprint(), "identity": identity(cfg),
@@ -205,7 +210,8 @@ def prepare_run(cfg: RunConfig, config_path: str | os.PathLike | None = None, cl
                     "config_path": str(config_path) if config_path is not None else None,
                     "num_shards": plan.num_shards, "total_samples": plan.total, "stride": plan.stride,
                     "maskmill": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_if_changed(root / RUN_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+            layout.store.write_if_changed(layout.root / RUN_INFO,
+                                          (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     if clean:
         clean_run(layout)
     return layout
@@ -216,7 +222,7 @@ def _replace_partial_run(cfg: RunConfig, layout: RunLayout, info: dict[str, Any]
 
     Refused if one of its shards is being written (a live lock): that run is still going on.
     """
-    for sid in lock_ids(layout):
+    for sid in ([] if layout.remote else lock_ids(layout)):  # a URL run has no locks
         lock = ShardLock(layout, sid)
         owner = lock.owner()
         if not lock._is_stale(owner):  # break_if_stale would take the run guard we hold
@@ -227,28 +233,44 @@ def _replace_partial_run(cfg: RunConfig, layout: RunLayout, info: dict[str, Any]
     for sid in layout.shard_ids_on_disk():
         layout.clean_partial(sid)
     for name in (RUN_INFO, CONFIG_COPY, layout.classes_path.name):
-        (layout.root / name).unlink(missing_ok=True)
+        layout.store.remove(layout.root / name)
     diffs = config_differences(info.get("identity", {}), identity(cfg))
     why = f"differing keys: {'; '.join(diffs)}" if diffs else "its model's weights changed"
     log.warning(f"replacing the run in {layout.root}: it completed no shard and was made with another config or model "
                 f"(fingerprint {info.get('fingerprint')}, now {cfg.fingerprint()}; {why})")
 
 
-def clean_run(layout: RunLayout) -> dict[str, list]:
-    """Remove stale locks and the files of every partial shard nobody is writing. Returns what went."""
+def clean_run(layout: RunLayout) -> dict[str, Any]:
+    """Remove stale locks, the stats of complete shards whose files no longer match them (so they
+    are redone), and the files of every partial shard nobody is writing. Returns what went.
+
+    A URL run has no locks: its damaged shards lose their stats here, and each partial shard is
+    cleaned by the worker that writes it next (maskmill.run.claim), never by another one."""
+    damaged: dict[int, str] = {}
+    if layout.remote:
+        for sid in layout.completed_shards():
+            why = layout.damage(sid)
+            if why is not None and layout.drop_stats(sid):
+                damaged[sid] = why
+        return {"stale_locks": [], "damaged": damaged, "removed": []}
     removed_locks = [sid for sid in lock_ids(layout) if ShardLock(layout, sid).break_if_stale()]
     cleaned: list[str] = []
+    complete = set(layout.completed_shards())
     for sid in layout.shard_ids_on_disk():
         paths = layout.shard(sid)
-        if layout.is_complete(sid) and not any(p.exists() for p in paths.temporaries()):
+        why = layout.damage(sid) if sid in complete else None
+        if sid in complete and why is None and not any(Path(p).exists() for p in paths.temporaries()):
             continue
         lock = ShardLock(layout, sid)
         if lock.try_acquire():  # else: someone is writing it right now
             try:
+                if why is not None and layout.drop_stats(sid):
+                    damaged[sid] = why
+                    log_event(layout.root, sid, "damaged", reason=why)
                 cleaned += [str(p) for p in layout.clean_partial(sid)]
             finally:
                 lock.release()
-    return {"stale_locks": removed_locks, "removed": cleaned}
+    return {"stale_locks": removed_locks, "damaged": damaged, "removed": cleaned}
 
 
 def check_shard_ids(cfg: RunConfig, shard_ids: Iterable[int] | None) -> list[int]:
@@ -263,5 +285,6 @@ def check_shard_ids(cfg: RunConfig, shard_ids: Iterable[int] | None) -> list[int
 
 def pending_shards(cfg: RunConfig, layout: RunLayout, shard_ids: Iterable[int] | None = None) -> list[int]:
     """The run's shard ids (or those of `shard_ids`) that are not complete, ascending."""
-    return [s for s in check_shard_ids(cfg, shard_ids) if not layout.is_complete(s)]
+    complete = set(layout.completed_shards())  # one listing, not two lookups per shard
+    return [s for s in check_shard_ids(cfg, shard_ids) if s not in complete]
 

@@ -1,7 +1,9 @@
 """Read shards back with webdataset, decoding each field by its extension.
 
 `webdataset`'s `.decode("pil")` would turn a single-channel mask into RGB, so masks get their
-own handler (registered before the image one: "png" also matches "mask.png").
+own handler (registered before the image one: "png" also matches "mask.png"). A tar at a URL
+(s3://, memory://, ...) is opened through fsspec: webdataset's own openers for these schemes
+shell out to command-line tools (gsutil, curl) that know nothing of fsspec's credentials.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from ..storage import is_url, protocol_of
 from .layout import RunLayout
 from .encode import MASK_FIELD
 
@@ -42,6 +45,20 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB")).copy()
 
 
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def _register_opener(location: str | os.PathLike) -> None:
+    """Let webdataset open this URL's protocol through fsspec (file:// stays webdataset's own)."""
+    if is_url(location) and protocol_of(location) != "file":
+        import importlib
+
+        importlib.import_module("webdataset.gopen").gopen_schemes[protocol_of(location)] = _fsspec_gopen
+
+
 def raw_samples(tar_path: str | os.PathLike) -> wds.WebDataset:
     """The tar's samples as dicts of raw bytes ("__key__", "__url__", fields), in tar order.
 
@@ -49,6 +66,7 @@ def raw_samples(tar_path: str | os.PathLike) -> wds.WebDataset:
     by node: one given tar is read whole, also inside a torchrun/accelerate launch (WORLD_SIZE > 1),
     where webdataset's default node splitter would refuse to read it.
     """
+    _register_opener(tar_path)
     return wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False, nodesplitter=None)
 
 
@@ -67,10 +85,10 @@ def iter_samples(root: str | os.PathLike, max_samples: int | None = None) -> Ite
     for shard_id in layout.completed_shards():
         if max_samples is not None and n >= max_samples:
             return
-        for s in decoded_samples(layout.tar_path(shard_id)):
+        for s in decoded_samples(layout.tar_location(shard_id)):
             if max_samples is not None and n >= max_samples:
                 return
             image = s.get("png", s.get("jpg"))
             yield DecodedSample(key=s["__key__"], image=image, mask=s[MASK_FIELD], meta=s["json"],
-                                url=str(Path(s["__url__"])))
+                                url=s["__url__"] if is_url(s["__url__"]) else str(Path(s["__url__"])))
             n += 1

@@ -22,6 +22,9 @@ class ShardStats:
     reasons: dict[str, int] = field(default_factory=dict)
     tar_bytes: int = 0
     manifest_bytes: int = 0
+    # what resume and validate compare the files with ("" in stats of older runs: not compared)
+    tar_sha256: str = ""
+    manifest_sha256: str = ""
     seconds: float = 0.0  # wall time of the shard, split in time_split (shards/timing.py)
     time_split: dict[str, float] = field(default_factory=dict)
     image_format: str = "png"
@@ -47,8 +50,12 @@ class ShardStats:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
+    def from_json(cls, text: str) -> "ShardStats":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
     def read(cls, path: str | os.PathLike) -> "ShardStats":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_json(Path(path).read_text())
 
 
 class Coverage:

@@ -4,14 +4,17 @@ Reads every shard to the end with webdataset and reports, without stopping at th
 problem: unreadable or truncated tars, missing stats (incomplete shards), leftover
 temporaries, files in shards/ that are not tars, duplicate or dotted keys, samples with different fields or json keys, masks
 that are not single-channel uint8 or hold labels outside {0..K, 255} (K = len(classes.json)),
-image/mask size mismatches, and manifests that disagree with their tars or stats.
+image/mask size mismatches, manifests that disagree with their tars or stats, and tars or
+manifests whose size or sha256 differs from what their stats recorded. The run may be a folder
+or a URL (s3://, memory://, ...).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -55,6 +58,18 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+class RunInvalidError(RuntimeError):
+    """A finished run that does not validate (raised by the runners; its message is one line)."""
+
+
+def invalid_run_message(run: str | os.PathLike, report: ValidationReport) -> str:
+    """One line: the run, how many problems, the first, and what to do."""
+    n = len(report.errors) + report.suppressed_errors
+    first = report.errors[0] if report.errors else "unknown problem"
+    return (f"{run} does not validate ({n} problem{'s' if n != 1 else ''}; first: {first}); "
+            f"`maskmill validate {run}` lists them, and rerunning the same config redoes damaged shards")
+
+
 class _RunState:
     """What must agree across shards: keys seen, and the first sample's fields and json keys."""
 
@@ -68,16 +83,17 @@ def validate_run(root: str | os.PathLike) -> ValidationReport:
     """Validate every shard of the run at `root`; never raises for problems in the data."""
     layout = RunLayout(root)
     report = ValidationReport()
-    if not layout.shards_dir.is_dir():
-        report.error(f"{layout.shards_dir}: no shards directory")
+    if not layout.store.isdir(layout.shards_dir):
+        report.error(f"{layout.location_of(layout.shards_dir)}: no shards directory")
         return report
 
+    classes = layout.location_of(layout.classes_path)
     try:
         report.num_classes = len(layout.read_classes())
     except FileNotFoundError:
-        report.error(f"{layout.classes_path}: missing")
+        report.error(f"{classes}: missing")
     except (ValueError, json.JSONDecodeError) as e:
-        report.error(f"{layout.classes_path}: unreadable ({e})")
+        report.error(f"{classes}: unreadable ({e})")
 
     for tmp in layout.temporaries():
         report.error(f"{tmp.name}: leftover temporary file (interrupted write; rerunning the run removes it)")
@@ -88,46 +104,49 @@ def validate_run(root: str | os.PathLike) -> ValidationReport:
     state = _RunState()
     for shard_id in layout.shard_ids_on_disk():
         paths = layout.shard(shard_id)
-        if not paths.tar.is_file():
+        if not layout.store.isfile(paths.tar):
             for p in (paths.manifest, paths.stats):
-                if p.is_file():
+                if layout.store.isfile(p):
                     report.error(f"{p.name}: present but {paths.tar.name} is missing")
             continue
         report.shards += 1
-        _check_shard(paths, report, state)
+        _check_shard(layout, paths, report, state)
     if report.shards == 0:
-        report.error(f"{layout.shards_dir}: no shards")
+        report.error(f"{layout.location_of(layout.shards_dir)}: no shards")
     return report
 
 
-def _check_shard(paths, report: ValidationReport, state: _RunState) -> None:
+def _check_shard(layout: RunLayout, paths, report: ValidationReport, state: _RunState) -> None:
     name = paths.tar.name
+    store = layout.store
     stats = None
-    if not paths.stats.is_file():
+    if not store.isfile(paths.stats):
         report.error(f"{name}: no {paths.stats.name} (incomplete shard)")
     else:
         try:
-            stats = ShardStats.read(paths.stats)
+            stats = ShardStats.from_json(store.read_text(paths.stats))
             report.complete_shards += 1
         except (ValueError, TypeError) as e:
             report.error(f"{paths.stats.name}: unreadable ({e})")
     image_format = stats.image_format if stats else None
 
-    tar_keys = _check_tar_samples(paths.tar, image_format, report, state)
+    tar_keys = _check_tar_samples(layout.location_of(paths.tar), name, image_format, report, state)
 
     if stats is not None:
-        size = paths.tar.stat().st_size
+        size = store.size(paths.tar)
         if size != stats.tar_bytes:
-            report.error(f"{name}: {size} bytes but stats say {stats.tar_bytes} (truncated or rewritten)")
+            report.error(f"{name}: {size} bytes but stats say {stats.tar_bytes} (truncated or rewritten; "
+                         f"a rerun redoes it)")
+        elif stats.tar_sha256 and store.sha256(paths.tar) != stats.tar_sha256:
+            report.error(f"{name}: sha256 differs from its stats (rewritten in place; a rerun redoes it)")
         if tar_keys is not None and len(tar_keys) != stats.accepted:
             report.error(f"{name}: {len(tar_keys)} samples but stats say {stats.accepted} accepted")
-    _check_manifest(paths, tar_keys, stats, report)
+    _check_manifest(store, paths, tar_keys, stats, report)
 
 
-def _check_tar_samples(tar: Path, image_format: str | None, report: ValidationReport,
+def _check_tar_samples(tar, name: str, image_format: str | None, report: ValidationReport,
                        state: _RunState) -> list[str] | None:
-    """Read the tar to its end; check every sample. Returns its keys, or None if unreadable."""
-    name = tar.name
+    """Read the tar (a path or URL) to its end; check every sample. Returns its keys, or None if unreadable."""
     expected = frozenset(sample_fields(image_format)) if image_format else None
     keys: list[str] = []
     try:
@@ -202,17 +221,21 @@ def _check_sample(shard: str, key: str, sample: dict, expected: frozenset[str] |
         report.error(f"{where}: mask labels {bad.tolist()} outside 0..{k} and {IGNORE}")
 
 
-def _check_manifest(paths, tar_keys: list[str] | None, stats: ShardStats | None,
+def _check_manifest(store, paths, tar_keys: list[str] | None, stats: ShardStats | None,
                     report: ValidationReport) -> None:
     name = paths.manifest.name
-    if not paths.manifest.is_file():
+    if not store.isfile(paths.manifest):
         report.error(f"{paths.tar.name}: manifest {name} missing")
         return
     try:
-        table = pq.read_table(paths.manifest)
+        data = store.read_bytes(paths.manifest)  # small: one row per record
+        table = pq.read_table(io.BytesIO(data))
     except Exception as e:
         report.error(f"{name}: unreadable ({e})")
         return
+    if stats is not None and stats.manifest_sha256:
+        if (len(data), hashlib.sha256(data).hexdigest()) != (stats.manifest_bytes, stats.manifest_sha256):
+            report.error(f"{name}: size or sha256 differs from its stats (a rerun redoes the shard)")
     schema = table.schema.remove_metadata()
     if not (schema.equals(MANIFEST_SCHEMA) or schema.equals(LEGACY_MANIFEST_SCHEMA)):
         report.error(f"{name}: columns {table.schema.names} differ from the manifest schema {MANIFEST_SCHEMA.names}")

@@ -12,7 +12,11 @@ samples and fails on mixed fields):
 
 Crash safety (img2dataset's rules): the tar and the manifest are written under `.tmp` names
 and renamed when complete; `{shard}_stats.json` is written last, also via a rename, and marks
-the shard complete. A stale stats file is removed before a shard is rewritten.
+the shard complete. A stale stats file is removed before a shard is rewritten. A run at a URL
+(s3://, gs://, memory://) gets the same order with whole objects: the tar and the manifest are
+written to a local scratch folder, then uploaded one after the other (an object PUT is atomic),
+and the stats object last; a kill at any point leaves no stats object, so no shard that looks
+complete. The stats record each file's size and sha256, which resume and validate compare.
 
 Records are consumed one at a time from the iterable and never held, so memory stays flat
 with shard size; each is checked before anything of it is written. A bad record aborts the
@@ -23,17 +27,19 @@ rounded to whole seconds).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import webdataset as wds
 
-from ..atomic import atomic_write_bytes
+from ..storage import HASH_CHUNK, local_scratch, remove_scratch
 from .encode import IMAGE_FORMATS, MASK_FIELD, META_FIELD, encode_image, encode_mask, json_text, sample_fields
-from .layout import ShardPaths, shard_paths
+from .layout import TMP_SUFFIX, RunLayout, ShardPaths
 from .manifest import ManifestWriter, manifest_row
 from .records import BACKGROUND, IGNORE, SampleRecord, shard_name
 from .stats import Coverage, ShardStats
@@ -62,7 +68,9 @@ class ShardWriter:
     ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-        self.paths: ShardPaths = shard_paths(run_dir, shard_id)
+        self.layout = RunLayout(run_dir)
+        self.paths: ShardPaths = self.layout.shard(shard_id)
+        self._scratch: Path | None = None  # remote runs: the local folder the files are written in
         self.shard_id = shard_id
         self.image_format = image_format
         # Whole seconds: tarfile gives every member with a float mtime an extra PAX header
@@ -115,10 +123,13 @@ class ShardWriter:
             self._tar.close()
             _fsync_close(self._tar_file)
             self._manifest.close()
-            os.replace(self.paths.tar_tmp, self.paths.tar)
-            os.replace(self.paths.manifest_tmp, self.paths.manifest)
+            self._hash_files()  # sizes and hashes of the local files, before they move
+            store = self.layout.store
+            store.upload(self._local(self.paths.tar), self.paths.tar)
+            store.upload(self._local(self.paths.manifest), self.paths.manifest)
         stats = self._finish_stats()
-        self._write_stats(stats)
+        self._write_stats(stats)  # last: the completion marker
+        remove_scratch(self._scratch)
         self._closed = True
         self.stats = stats
         return stats
@@ -135,8 +146,12 @@ class ShardWriter:
                     pass
         if self._tar_file is None:
             return  # nothing was ever opened, so nothing of ours is on disk
-        for path in (*self.paths.temporaries(), *self.paths.finals()):
-            path.unlink(missing_ok=True)
+        remove_scratch(self._scratch)
+        if not self.layout.remote:
+            for path in self.paths.temporaries():
+                Path(path).unlink(missing_ok=True)
+        for path in (self.paths.stats, *self.paths.finals()):  # the completion marker first
+            self.layout.store.remove(path)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -202,15 +217,23 @@ class ShardWriter:
         if self._tar is not None:
             return
         for path in self.paths.finals():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self.layout.store.makedirs(path.parent)
         # Rewriting a shard: drop its completion marker first, so a crash from here on
         # leaves it incomplete (and redone on resume) rather than "complete" with new data.
-        self.paths.stats.unlink(missing_ok=True)
+        self.layout.store.remove(self.paths.stats)
+        if self.layout.remote:
+            self._scratch = local_scratch(f"maskmill-{self._stats.shard}-")
         self._started = time.perf_counter()
-        self._tar_file = open(self.paths.tar_tmp, "wb")
+        self._tar_file = open(self._local(self.paths.tar), "wb")
         # encoder=False: members are already bytes, encoded by us (mask forced to mode L).
         self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=self.mtime)
-        self._manifest = ManifestWriter(self.paths.manifest_tmp)
+        self._manifest = ManifestWriter(self._local(self.paths.manifest))
+
+    def _local(self, final) -> Path:
+        """Where the file bound for `final` is written: its `.tmp` beside it, or in the local scratch folder."""
+        if self._scratch is not None:
+            return self._scratch / final.name
+        return Path(str(final) + TMP_SUFFIX)
 
     def _count(self, record: SampleRecord) -> None:
         s = self._stats
@@ -225,20 +248,22 @@ class ShardWriter:
         s.first_index = idx if s.first_index is None else min(s.first_index, idx)
         s.last_index = idx if s.last_index is None else max(s.last_index, idx)
 
+    def _write_stats(self, stats: ShardStats) -> None:
+        self.layout.store.write_bytes(self.paths.stats, stats.to_json().encode(), tmp=self.paths.stats_tmp)
+
+    def _hash_files(self) -> None:
+        s = self._stats
+        s.tar_bytes, s.tar_sha256 = _size_and_sha256(self._local(self.paths.tar))
+        s.manifest_bytes, s.manifest_sha256 = _size_and_sha256(self._local(self.paths.manifest))
+
     def _finish_stats(self) -> ShardStats:
         s = self._stats
         s.reasons = dict(sorted(self._reasons.items()))
-        s.tar_bytes = self.paths.tar.stat().st_size
-        s.manifest_bytes = self.paths.manifest.stat().st_size
         wall = self.clock.elapsed() if self._timed_whole_shard else time.perf_counter() - self._started
         s.seconds = round(wall, 6)
         s.time_split = self.clock.split(wall)
         self._coverage.fill(s)
         return s
-
-    def _write_stats(self, stats: ShardStats) -> None:
-        atomic_write_bytes(self.paths.stats, stats.to_json().encode(),
-                           tmp=self.paths.stats_tmp)
 
 
 def write_shard(
@@ -279,6 +304,14 @@ def _class_ids(meta: dict[str, Any], where: str) -> list[int] | None:
     if not all(0 < i < IGNORE for i in ids):
         raise ValueError(f"{where}: class ids must be in 1..254, got {ids}")
     return ids
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return path.stat().st_size, h.hexdigest()
 
 
 def _fsync_close(f) -> None:

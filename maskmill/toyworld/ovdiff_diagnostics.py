@@ -177,7 +177,7 @@ def write_support_run(supports: list[SupportSet], root: Path) -> float:
             records.append(SampleRecord(index=index, key=sample_key(shard_id, i, digits), status="accepted",
                                         image=sup.images[i], mask=mask, meta=meta))
             index += 1
-        write_shard(layout.root, shard_id, records)
+        write_shard(layout.location, shard_id, records)
     return time.perf_counter() - t0
 
 
