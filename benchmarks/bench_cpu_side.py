@@ -85,7 +85,6 @@ def unet_part(size: int, steps: int) -> dict:
 
 
 def cpu_side(store, size: int, repeats: int) -> dict[str, float]:
-    import numpy as np
     import torch
 
     from maskmill.config import FilterConfig

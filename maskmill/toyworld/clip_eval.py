@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..clipcheck import ClipCheck, ClipCheckConfig, region_crop
+from ..clipcheck import ClipCheck, region_crop
 from .clip_data import BACKGROUND, background_mask, render_pool
 from .recover import MIN_REGION_PIXELS, classify_shape, recover_masks
 from .render import COLOURS, SHAPES
