@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,12 +36,12 @@ class RunSource:
     def __init__(self, root: str | os.PathLike):
         from .shards.layout import RunLayout
 
-        layout = RunLayout(root)
-        if not layout.classes_path.is_file():
+        layout = RunLayout(root)  # a folder or a URL (s3://..., see maskmill.storage)
+        if not layout.has_classes():
             raise FileNotFoundError(f"{root}: not a maskmill run (no classes.json)")
-        self.root = Path(root)
+        self.root = layout.location
         self.classes = layout.read_classes()
-        self.tars = [str(layout.tar_path(sid)) for sid in layout.completed_shards()]
+        self.tars = [str(layout.tar_location(sid)) for sid in layout.completed_shards()]
         if not self.tars:
             raise FileNotFoundError(f"{root}: the run has no complete shards")
 

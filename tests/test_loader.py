@@ -36,7 +36,7 @@ def write_run(root: Path, classes: list[str], objects: list[list[str]], shard_si
         records.append(SampleRecord(i, sample_key(i // shard_size, i % shard_size, 3), "accepted",
                                     image=image, mask=mask, meta=meta))
     for sid in range(0, len(records), shard_size):
-        write_shard(layout.shards_dir, sid // shard_size, records[sid : sid + shard_size])
+        write_shard(layout.root, sid // shard_size, records[sid : sid + shard_size])
     return layout
 
 

@@ -81,7 +81,7 @@ def write_run(root: Path, images: np.ndarray, masks: np.ndarray, classes: list[s
                               class_ids=present, model="bench-downstream", extractor="", extractor_params={})
             records.append(SampleRecord(i, sample_key(sid, j, 5), "accepted", image=images[i], mask=masks[i],
                                         meta=meta))
-        write_shard(layout.shards_dir, sid, records)
+        write_shard(layout.root, sid, records)
     return layout
 
 
