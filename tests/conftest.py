@@ -29,6 +29,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 if int(os.environ.get("MASKMILL_TEST_THREADS", "1")) > 0:
     torch.set_num_threads(int(os.environ.get("MASKMILL_TEST_THREADS", "1")))
 
+# Prefect configures its console log handlers on first import, bound to the sys.stderr of that
+# moment. A test with `capsys` that first imports Prefect would leave them writing to a closed
+# capture file (a RecursionError in Prefect's logging in every later flow test): import it now,
+# under pytest's session-long capture.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 PROMPTS = ["a red circle", "a blue square and a green triangle"]
 SEEDS = [3, 11]
 

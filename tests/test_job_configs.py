@@ -59,7 +59,7 @@ def test_the_bank_config_reads_the_micro_models_recipe_and_per_class_overrides()
     star, circle = cfg.class_spec("star"), cfg.class_spec("circle")
     # support images are made like the shapes run's samples, with the run's filter key names
     assert circle["support"]["filter"] == {"min_confidence": 0.2, "min_area": 0.01, "max_area": 0.9,
-                                           "max_retries_factor": 5.0}
+                                           "max_retries_factor": 5.0, "clip": None}
     assert "max_retries_factor: 5.0" in shapes_run
     assert (circle["support"]["prompts"], circle["support"]["steps"], circle["support"]["guidance"]) == ("shapes", 25, 4.0)
     assert star["bank"]["k_parts"] == 4 and circle["bank"]["k_parts"] == 32
@@ -70,7 +70,8 @@ def test_bank_config_on_another_model_uses_ovdiffs_recipe():
     cfg = load_bank_build_config(None, [], {"classes": ["cat"], "model": "some/model", "steps": 10})
     sup = cfg.class_spec("cat")["support"]
     assert sup["prompts"] == "a good picture of a {class}" and sup["steps"] == 10 and sup["guidance"] == 8.0
-    assert sup["filter"] == {"min_confidence": 0.0, "min_area": 0.0, "max_area": 1.0, "max_retries_factor": 1.0}
+    assert sup["filter"] == {"min_confidence": 0.0, "min_area": 0.0, "max_area": 1.0, "max_retries_factor": 1.0,
+                             "clip": None}
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -107,8 +107,8 @@ def run_variants(pipe, n: int, variants: dict[str, tuple[str, dict]], batch: int
         captures[window(w)].feature_modules.update(w.feature_modules)
     items = eval_items(n, split)
     attns_by_window = {}
-    for window, capture in captures.items():
-        images, attns_by_window[window] = generate_items(pipe, items, capture, batch)
+    for key, capture in captures.items():  # `window` is the function that names a capture's key
+        images, attns_by_window[key] = generate_items(pipe, items, capture, batch)
     truths = [recover_masks(img, list(it.colours))[0] for img, it in zip(images, items)]
     results = {}
     for m, ex in extractors.items():

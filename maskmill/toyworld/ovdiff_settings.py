@@ -42,7 +42,7 @@ class BenchSettings:
 
         d = support_defaults("shapes-sd")
         defaults = {"steps": d.steps, "guidance": d.guidance, "extractor": d.extractor.name,
-                    "extractor_params": dict(d.extractor.params), **d.filter.model_dump()}
+                    "extractor_params": dict(d.extractor.params), **d.filter.model_dump(exclude={"clip"})}
         out = BenchSettings(**vars(self))
         for k, v in defaults.items():
             if getattr(out, k) is None:
