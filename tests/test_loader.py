@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from maskmill.loader import run_dataset
 from maskmill.shards import IGNORE, RunLayout, SampleRecord, build_meta, sample_key, write_shard
@@ -44,17 +43,35 @@ def sample_ids(images: torch.Tensor) -> list[int]:
     return [int(round(v)) for v in (images[:, 0, 0, 0] * 255).tolist()]
 
 
-def test_two_ranks_two_workers_read_every_sample_exactly_once(tmp_path, monkeypatch):
+# Each rank in a fresh interpreter, as torchrun starts them: forking DataLoader workers from this test
+# process fails once other tests have left Prefect's server threads running in it.
+RANK_SCRIPT = """
+import json, sys
+from maskmill.loader import run_dataset
+ids = []
+for images, _ in DataLoader(run_dataset([sys.argv[1]], shuffle=16, seed=3), batch_size=4, num_workers=2):
+    ids += [int(round(v)) for v in (images[:, 0, 0, 0] * 255).tolist()]
+print(json.dumps(ids))
+"""
+
+
+def test_two_ranks_two_workers_read_every_sample_exactly_once(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
     write_run(tmp_path / "run", ["circle"], [["circle"]] * 24, shard_size=3)  # 8 shards
     seen = Counter()
     per_rank = []
+    repo = str(Path(__file__).resolve().parents[1])
     for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        ds = run_dataset([tmp_path / "run"], shuffle=16, seed=3)
-        ids = []
-        for images, _ in DataLoader(ds, batch_size=4, num_workers=2):
-            ids += sample_ids(images)
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+        out = subprocess.run([sys.executable, "-c", RANK_SCRIPT, str(tmp_path / "run")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        ids = json.loads(out.stdout.strip().splitlines()[-1])
         per_rank.append(ids)
         seen.update(ids)
     assert sorted(seen) == list(range(24)) and set(seen.values()) == {1}
