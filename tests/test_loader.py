@@ -47,6 +47,7 @@ def sample_ids(images: torch.Tensor) -> list[int]:
 # process fails once other tests have left Prefect's server threads running in it.
 RANK_SCRIPT = """
 import json, sys
+from torch.utils.data import DataLoader
 from maskmill.loader import run_dataset
 ids = []
 for images, _ in DataLoader(run_dataset([sys.argv[1]], shuffle=16, seed=3), batch_size=4, num_workers=2):
