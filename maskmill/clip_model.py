@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from .models import CLIP_WEIGHTS_FILE as WEIGHTS_FILE
-from .models import ClipNotFoundError as ClipNotFoundError  # re-exported: callers of the loader catch it
 from .models import resolve_clip
 
 # The constructor arguments of clip.model.CLIP, in its order.

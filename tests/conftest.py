@@ -173,3 +173,21 @@ def saved_pipeline(tmp_path_factory, pipes):
         return folders[layout]
 
     return save
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The micro SD 1.x pipeline saved to disk: the `model` of run configs (tests/runs.py)."""
+    from runs import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A Prefect API server for the whole session (telemetry off); yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()

@@ -9,12 +9,7 @@ import pytest
 from maskmill.cli import main
 from maskmill.run.writers_log import read_writers_log
 from maskmill.shards import RunLayout, validate_run
-from test_runner import save_tiny_pipeline, write_config
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
+from runs import write_config
 
 
 @pytest.mark.parametrize("flags, message", [

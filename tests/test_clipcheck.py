@@ -10,7 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from maskmill.clip_model import ClipNotFoundError, architecture_of, load_clip, new_clip
+from maskmill.clip_model import architecture_of, load_clip, new_clip
+from maskmill.models import ClipNotFoundError
 from maskmill.clipcheck import FILL, IGNORE, ClipCheck, ClipCheckConfig, region_crop
 from maskmill.toyworld.render import Scene, ShapeObject, render
 
@@ -272,7 +273,7 @@ def test_the_run_applies_filter_clip_to_every_accepted_sample(tmp_path, action):
     from maskmill.config import load_config
     from maskmill.run.direct import run_direct
     from maskmill.shards import iter_samples
-    from test_runner import save_tiny_pipeline, write_config
+    from runs import save_tiny_pipeline, write_config
 
     model = save_tiny_pipeline(tmp_path / "model")
     clip = {"model": "shapes-clip", "min_margin": 2.0, "action": action}

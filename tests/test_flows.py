@@ -26,32 +26,13 @@ from maskmill.run.folder import RunConflictError  # noqa: E402
 from maskmill.run.pipelines import clear_pipeline_cache  # noqa: E402
 from maskmill.shards import RunLayout, validate_run  # noqa: E402
 from deadlines import wait_for  # noqa: E402
-from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    """A Prefect API server for the whole session (telemetry off); yields its URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-flows") / "model")
+from runs import REPO, subprocess_env, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_pipeline_cache():
+    """The flows' in-process pipelines go with this module."""
     yield
-    torch.set_num_threads(before)
     clear_pipeline_cache()
 
 

@@ -18,7 +18,7 @@ from maskmill.models import load_pipeline
 from maskmill.prompts import Prompt, PromptClass
 from maskmill.shards.timing import STAGES
 
-from test_runner import save_tiny_pipeline, write_config
+from runs import save_tiny_pipeline, write_config
 
 SETTINGS = GenerationSettings(steps=2, guidance=4.0, height=32, width=32)
 KEEP_ALL = FilterConfig(min_confidence=0.0, min_area=0.0, max_area=1.0, max_retries_factor=1.0)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from maskmill.run.progress import RunProgress, progress_line
-from test_runner import save_tiny_pipeline, subprocess_env, write_config
+from runs import save_tiny_pipeline, subprocess_env, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^progress (\S+): (\d+)/(\d+) samples \((\d+) %\), ([\d.]+) images/s, ETA (\S+)$")

@@ -33,7 +33,7 @@ from maskmill.run.direct import run_direct
 from maskmill.run.locks import LOCKS_DIR
 from maskmill.run.writers_log import read_writers_log
 from maskmill.shards import RunLayout, raw_samples, validate_run
-from test_runner import REPO, save_tiny_pipeline, subprocess_env, write_config
+from runs import REPO, save_tiny_pipeline, subprocess_env, write_config
 
 from deadlines import LineReader, ReadTimeout, tail
 

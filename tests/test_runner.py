@@ -15,53 +15,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from maskmill.config import load_config
 from maskmill.plan import RunPlan
 from maskmill.run.direct import run_direct
 from maskmill.run.folder import CONFIG_COPY, RUN_INFO, RunConflictError, pending_shards, prepare_run
 from maskmill.run.locks import ShardLock
+from maskmill.run.process import HOST
 from maskmill.run.writers_log import read_writers_log
 from maskmill.shards import RunLayout, raw_samples, validate_run
 
 from deadlines import LineReader, ReadTimeout, tail
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def save_tiny_pipeline(path: Path, seed: int = 0) -> Path:
-    """A random micro SD 1.x pipeline (maskmill.toyworld.build) saved with save_pretrained."""
-    from maskmill.toyworld.build import build_pipeline
-
-    build_pipeline(seed).save_pretrained(path)
-    return path
-
-
-def write_config(path: Path, model: Path, output: Path, **changes) -> Path:
-    """A tiny shapes-world config: 4 classes, one per image, 32 px, 2 steps, a permissive filter."""
-    data = {
-        "classes": ["circle", "square", "triangle", "star"], "prompts": "shapes", "classes_per_image": {1: 1.0},
-        "images_per_class": 2, "model": str(model), "scheduler": "ddim", "steps": 2, "guidance": 4.0,
-        "height": 32, "width": 32, "batch_size": 2, "seed": 0, "extractor": {"name": "seediff", "params": {}},
-        "filter": {"min_confidence": 0.0, "min_area": 0.0, "max_area": 1.0, "max_retries_factor": 2.0},
-        "shard_size": 2, "image_format": "png", "output": str(output),
-    }
-    for key, value in changes.items():
-        node = data
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
+from runs import REPO, save_tiny_pipeline, subprocess_env, write_config
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
@@ -72,21 +37,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
 
 def tar_keys(tar: Path) -> list[str]:
     return [s["__key__"] for s in raw_samples(tar)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
 
 
 # --- determinism, resume, refusal ------------------------------------------------------------------
@@ -215,6 +165,26 @@ def test_shard_lock_exclusive_stale_and_foreign(tmp_path):
     lock.path.write_text(json.dumps({"host": "another-host", "pid": 1, "start": "1", "time": 0}))
     assert not lock.try_acquire()
     lock.path.unlink()
+
+
+def test_writer_killed_between_stats_and_log_is_logged_written_once(tmp_path, tiny_model):
+    """A shard whose stats landed but whose writer died before logging "written" is logged by the
+    next run's clean-up, once; a shard already logged is not logged again."""
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", images_per_class=1)
+    run_direct(load_config(cfg_path), cfg_path, progress=False, finalize=False)
+    root = tmp_path / "run"
+    lines = (root / "writers.jsonl").read_text().splitlines(keepends=True)
+    # shard 1's writer "killed" after its stats, before its line; shard 0's after its line, before its unlock
+    (root / "writers.jsonl").write_text("".join(
+        line for line in lines if not (json.loads(line)["shard"] == 1 and json.loads(line)["event"] == "written")))
+    layout = RunLayout(root)
+    for sid in (0, 1):
+        ShardLock(layout, sid).path.write_text(json.dumps({"host": HOST, "pid": _dead_pid(), "start": "1", "time": 0}))
+    prepare_run(load_config(cfg_path), cfg_path)
+    written = [e for e in read_writers_log(root) if e["event"] == "written"]
+    assert sorted(e["shard"] for e in written) == [0, 1]
+    assert [e["shard"] for e in written if e.get("recovered")] == [1]
+    assert not list((root / "locks").glob("*.lock"))
 
 
 _WORKER = """

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -19,25 +18,9 @@ from maskmill.shards import RunLayout, iter_samples, raw_samples, validate_run  
 from maskmill.storage import StorageError, check_output  # noqa: E402
 
 from servers import s3_server  # noqa: E402
-from test_flows import prefect_api  # noqa: E402,F401  (the session's Prefect API server)
-from test_runner import save_tiny_pipeline, subprocess_env, write_config  # noqa: E402
+from runs import subprocess_env, write_config  # noqa: E402
 
 BUCKET = "maskmill-test"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 
 from maskmill.shards import RunLayout, validate_run
 from servers import postgres, prefect_env, prefect_server, stop_process
-from test_runner import REPO, save_tiny_pipeline, write_config
+from runs import REPO, save_tiny_pipeline, write_config
 
 POOL = "maskmill-gpu"
 DEPLOYMENT = "produce-shards/maskmill"

@@ -10,7 +10,7 @@ import pytest
 
 from deadlines import wait_for
 from servers import prefect_env, prefect_server, stop_process
-from test_runner import REPO, save_tiny_pipeline, write_config
+from runs import REPO, save_tiny_pipeline, write_config
 
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import fsspec
 import pytest
@@ -15,23 +14,8 @@ from maskmill.shards import RunLayout, iter_samples, validate_run
 from maskmill.shards.writer import ShardWriter, write_shard
 from maskmill.storage import StorageError, check_output
 
-from test_runner import save_tiny_pipeline, write_config
+from runs import write_config
 from test_shards import CLASSES, make_records
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
 
 
 @pytest.fixture

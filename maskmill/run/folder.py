@@ -45,7 +45,7 @@ from ..plan import RunPlan
 from ..shards.layout import RunLayout
 from ..storage import StorageError, check_output, is_url, protocol_of
 from .locks import ShardLock, lock_ids, run_guard
-from .writers_log import log_event
+from .writers_log import last_write_events, log_event
 
 CONFIG_COPY = "config.yaml"
 RUN_INFO = "run.json"
@@ -253,9 +253,16 @@ def clean_run(layout: RunLayout) -> dict[str, Any]:
             if why is not None and layout.drop_stats(sid):
                 damaged[sid] = why
         return {"stale_locks": [], "damaged": damaged, "removed": []}
-    removed_locks = [sid for sid in lock_ids(layout) if ShardLock(layout, sid).break_if_stale()]
-    cleaned: list[str] = []
     complete = set(layout.completed_shards())
+    # a writer killed between its shard's stats and its "written" line: the shard is whole, so log it
+    # once, before its lock goes (a kill in between leaves the lock, and the line, for the next run)
+    stale = [sid for sid in lock_ids(layout) if ShardLock(layout, sid).stale()]
+    last = last_write_events(layout.root) if stale else {}
+    for sid in stale:
+        if sid in complete and last.get(sid) != "written" and layout.damage(sid) is None:
+            log_event(layout.root, sid, "written", recovered=True)
+    removed_locks = [sid for sid in stale if ShardLock(layout, sid).break_if_stale()]
+    cleaned: list[str] = []
     for sid in layout.shard_ids_on_disk():
         paths = layout.shard(sid)
         why = layout.damage(sid) if sid in complete else None

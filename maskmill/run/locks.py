@@ -98,6 +98,10 @@ class ShardLock:
             return True
         return False
 
+    def stale(self) -> bool:
+        """True if the lock exists and its owner is dead (or it was left empty)."""
+        return self._is_stale(self.owner())
+
     def _is_stale(self, owner: dict[str, Any] | None) -> bool:
         if owner is None:
             return False

@@ -2,7 +2,9 @@
 
 One JSON line per event ("claimed", "written", "failed", "stale-lock-removed"), each written with
 a single O_APPEND write so lines from concurrent workers never interleave. A shard is "written"
-exactly once per run, however often its writing was interrupted.
+exactly once per run, however often its writing was interrupted: a writer killed after its shard's
+stats landed but before its "written" line is logged for it by the next run's clean-up
+(maskmill.run.folder.clean_run), which finds the dead writer's lock.
 """
 from __future__ import annotations
 
@@ -40,3 +42,11 @@ def read_writers_log(root: str | os.PathLike) -> list[dict[str, Any]]:
             continue  # cannot happen with single O_APPEND writes, but never fail a summary on it
     return entries
 
+
+
+WRITE_EVENTS = ("claimed", "written", "failed", "damaged")
+
+
+def last_write_events(root: str | os.PathLike) -> dict[int, str]:
+    """Each shard's latest event about its writing (lock removals left out)."""
+    return {e["shard"]: e["event"] for e in read_writers_log(root) if e.get("event") in WRITE_EVENTS}

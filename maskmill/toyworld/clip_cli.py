@@ -24,7 +24,8 @@ def _cmd_train_clip(a) -> int:
 def _cmd_eval_clip(a) -> int:
     import torch
 
-    from ..clip_model import ClipNotFoundError, load_clip
+    from ..clip_model import load_clip
+    from ..models import ClipNotFoundError
     from ..clipcheck import ClipCheck, ClipCheckConfig
 
     if a.n < 2:
