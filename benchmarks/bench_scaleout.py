@@ -94,7 +94,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="maskmill-bench-scaleout-"))
     model_args: list[str] = []
     if args.model == "tiny":
-        from test_runner import save_tiny_pipeline
+        from runs import save_tiny_pipeline
 
         model_args = ["--set", f"model={save_tiny_pipeline(tmp / 'tiny')}"]
     load0 = os.getloadavg()[0]
