@@ -93,3 +93,20 @@ def test_missing_pool_and_bad_settings_are_refused_before_work(tmp_path):
         ClipTrainSettings(generated=str(tmp_path / "none.npz")).check()
     with pytest.raises(ValueError, match="--generated-share"):
         ClipTrainSettings(generated_share=1.5).check()
+
+
+def test_training_on_a_generated_pool_says_so_in_the_card(tmp_path):
+    from maskmill.toyworld.clip_card import card_text
+    from maskmill.toyworld.clip_train import ClipTrainSettings, train
+
+    out = tmp_path / "pool.npz"
+    make_pool(StarsAsCircles(), 4, out, log=lambda *_: None)
+    tiny = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
+                context_length=16, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    settings = ClipTrainSettings(steps=1, batch=8, warmup=1, pool_scenes=2, eval_scenes=1, architecture=tiny,
+                                 generated=str(out), generated_share=0.5)
+    summary = train(settings, tmp_path / "m")
+    assert summary["generated_pool"]["images"] == 4 and summary["generated_pool"]["judged_not_prompted"] == 1
+    card = card_text(summary)
+    assert f"--generated {out} --generated-share 0.5" in card
+    assert "(50% of them rendered, the rest generated)" in card and "1 judged another shape than prompted" in card
