@@ -15,6 +15,7 @@
     maskmill toyworld bench-ovdiff [--n-support 32] [--n-test 64] [--k-parts 32]
     maskmill toyworld train-clip --out maskmill/assets/shapes-clip
     maskmill toyworld eval-clip [--n 128] [--split eval|tune]
+    maskmill toyworld clip-pool --n 1024 --out outputs/clip-pool.npz
     maskmill --version;  python -m maskmill ... (the same commands)
 
 Conventions: a command that reads a run takes it as the positional RUN (the run folder); job
@@ -334,12 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--support-draws", type=int, default=6,  # = BenchSettings.support_draws (a test checks)
                     help="support sets (seeds 0, 1, ...) every mIoU is averaged over (default %(default)s)")
     to.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy machine)")
+    to.add_argument("--prefilter-clip", help="also run the full method with OVDiff's CLIP class pre-filter, "
+                                            "scored by this CLIP (embedded name, folder or file; e.g. shapes-clip)")
+    to.add_argument("--prefilter-template", default="a {}",
+                    help="the pre-filter's text for a class (default %(default)r, the micro CLIP's captions)")
     to.add_argument("--json", type=Path, help="also write the report to this JSON file")
     t.set_defaults(fn=_cmd_toyworld)
     from .toyworld.clip_cli import add_clip_commands
     from .toyworld.downstream_cli import add_downstream_parsers
 
-    add_clip_commands(tsub)  # train-clip, eval-clip
+    add_clip_commands(tsub)  # train-clip, clip-pool, eval-clip
     add_downstream_parsers(tsub)  # render-testset, bench-downstream
     return p
 

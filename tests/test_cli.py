@@ -120,6 +120,7 @@ def bad_inputs(r: dict) -> list[tuple[list[str], str]]:
         (["toyworld", "bench-ovdiff", "--model", "no-such-model"], "model 'no-such-model' not found"),
         (["toyworld", "train-clip", "--out", str(r["root"] / "c"), "--steps", "0"], "steps"),
         (["toyworld", "eval-clip", "--clip", str(r["root"] / "no-clip")], "not found"),
+        (["toyworld", "clip-pool", "--out", str(r["root"] / "pool.txt")], "--out must name an .npz file"),
         (["train-segmenter", "--data", str(r["empty"]), "--val", str(r["empty"]), "--out", str(r["root"] / "s")],
          "not a maskmill run (no classes.json)"),
         (["evaluate-segmenter", "--ckpt", str(r["root"] / "no-ckpt"), "--data", str(r["empty"])],

@@ -185,6 +185,9 @@ def test_captions_describe_items_and_the_loss_prefers_matching_embeddings():
     scene = ("scene", "blue star + red circle")
     assert describes(caption_meaning("a red circle and a blue star"), scene)
     assert not describes(caption_meaning("a red circle and a blue square"), scene)
+    # an object caption is true of a scene holding such an object (OVDiff's pre-filter asks that of images)
+    assert describes(caption_meaning("a circle"), scene) and describes(caption_meaning("a blue star"), scene)
+    assert not describes(caption_meaning("a square"), scene) and not describes(caption_meaning("a red star"), scene)
     assert describes(caption_meaning("background"), ("bg",)) and not describes(caption_meaning("a star"), ("bg",))
 
     emb = torch.eye(3)

@@ -196,6 +196,26 @@ def test_bench_ovdiff_tune_scenes_are_not_the_test_scenes_and_a_bad_split_is_ref
     assert cli_default == bench_ovdiff.BenchSettings.support_draws
 
 
+def test_bench_ovdiff_prefilter_figures_and_a_missing_clip_is_refused_first(capsys):
+    from maskmill.cli import main
+    from maskmill.models import ClipNotFoundError
+    from maskmill.toyworld import bench_ovdiff
+    from maskmill.toyworld.ovdiff_scoring import prefilter_figures
+    from maskmill.toyworld.render import SHAPES
+
+    labels = np.zeros((2, 4, 4), np.uint8)
+    labels[0, 0, 0], labels[0, 1, 1], labels[1, 2, 2] = 1, 4, 2  # circle + star; square
+    keep = iter([["circle", "square"], ["square"]])  # scene 0: star dropped, absent square kept
+    figures = prefilter_figures(lambda image, classes: next(keep), np.zeros((2, 4, 4, 3), np.uint8), labels)
+    assert figures == {"classes_present_per_image": 1.5, "classes_kept_per_image": 1.5,
+                       "present_kept": 2 / 3, "absent_dropped": 4 / 5}
+    assert len(SHAPES) == 4
+    with pytest.raises(ClipNotFoundError, match="not found"):
+        bench_ovdiff.run(None, bench_ovdiff.BenchSettings(prefilter_clip="no/such/clip"))  # before the pipeline
+    assert main(["toyworld", "bench-ovdiff", "--model", "no-such-model", "--prefilter-clip", "no/such/clip"]) == 2
+    assert "--prefilter-clip" in capsys.readouterr().err  # refused before the model is looked up
+
+
 def test_bench_ovdiff_averages_iou_tables_over_support_draws():
     from maskmill.toyworld.ovdiff_scoring import CLASS_NAMES, confusion, iou_table, mean_table
 

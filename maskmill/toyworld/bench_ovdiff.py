@@ -15,6 +15,9 @@
    `maskmill segment` refines by default (PAMR), and the unrefined full method is reported too.
    Steps 1 and 3 repeat for `--support-draws` support sets (seeds 0, 1, ...) and every mIoU is their
    mean: one draw moves the full method by several points on this world.
+   With `--prefilter-clip` (e.g. the micro CLIP, shapes-clip), the full method is also run with
+   OVDiff's CLIP class pre-filter (classes of softmax p >= 1/|C| on the whole image are kept), with
+   how many of the scene's classes it keeps and how many absent ones it drops.
    Plus bank build time per class, segmentation time per image, and the time `support_from_run`
    saves: the same support sets written as a dataset run and read back from its shards.
 """
@@ -39,7 +42,8 @@ from .ovdiff_diagnostics import (
     support_reuse,
 )
 from .ovdiff_settings import BenchSettings
-from .ovdiff_scoring import CLASS_NAMES, SCENE_SEEDS, CachedFeatures, evaluate_bank, mean_table, rendered_test_set
+from .ovdiff_scoring import CLASS_NAMES, SCENE_SEEDS, CachedFeatures, evaluate_bank, mean_table, prefilter_figures, \
+    rendered_test_set
 from .render import IMAGE_SIZE, SHAPES
 
 TARGET_FULL = 0.80
@@ -97,8 +101,10 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
     if s.support_draws < 1:
         raise ValueError(f"support_draws must be at least 1, got {s.support_draws}")
     make_refiner(s.refine)  # an unknown name fails here, before any generation
+    prefilter = _prefilter(s)  # so does a missing CLIP
     features = SDQueryFeatures(pipe, layers=s.layers, timestep=s.timestep, size=s.feature_size, model_id=model_id)
-    fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **vars(s)})
+    bank_settings = {k: v for k, v in vars(s).items() if not k.startswith("prefilter")}  # the bank never sees it
+    fp = make_fingerprint(features.fingerprint(), {"bench": "ovdiff", **bank_settings})
     images, labels = rendered_test_set(s.n_test, SCENE_SEEDS[s.split])
     cached = CachedFeatures(features)
     diag_names = {"recovered": "diagnostic: generated support, masks recovered from colours",
@@ -121,6 +127,8 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
                     bg_min_fraction=s.bg_min_fraction, fingerprint=fp) for x in support_sets]), {})
         if s.refine != "none":
             rows["full, no refinement"] = (bank, {"refine": None})
+        if prefilter is not None:
+            rows[PREFILTER_ROW] = (bank, {"prefilter": prefilter})
         for name, (b, kw) in rows.items():
             table, secs = evaluate_bank(cached, b, images, labels, s, **kw)
             tables.setdefault(name, []).append(table)
@@ -145,7 +153,23 @@ def run(pipe, settings: BenchSettings | None = None, model_id: str = "shapes-sd"
         "instance_similarity": colour_vs_shape_similarity(first_bank, first_supports),
         "bank_prototypes": len(first_bank), "feature_grid": list(cached(images[:1]).shape[-2:]),
         "image_size": IMAGE_SIZE,
+        "prefilter": None if prefilter is None else {"clip": s.prefilter_clip, "template": s.prefilter_template,
+                                                     **prefilter_figures(prefilter, images, labels)},
     }
+
+
+PREFILTER_ROW = "full, CLIP class pre-filter"
+
+
+def _prefilter(s: BenchSettings):
+    """OVDiff's class pre-filter scored by the given CLIP, or None."""
+    if not s.prefilter_clip:
+        return None
+    from ..models import resolve_clip
+    from ..prototypes.clip_features import CLIPPatchFeatures
+    from ..prototypes.segment import clip_prefilter
+
+    return clip_prefilter(CLIPPatchFeatures(resolve_clip(s.prefilter_clip)), s.prefilter_template)
 
 
 def format_report(r: dict) -> str:
@@ -164,6 +188,11 @@ def format_report(r: dict) -> str:
         spread = f" ± {t['miou_std']:.3f}" if len(t.get("miou_per_draw", [])) > 1 else ""
         lines.append(f"| {name} | {t['miou']:.3f}{spread} | {draws} | {cells} | {t['pixel_acc']:.3f} |")
     lines.append("checks: " + "; ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in r["checks"].items()))
+    if r.get("prefilter"):
+        p = r["prefilter"]
+        lines.append(f"CLIP class pre-filter ({p['clip']}, \"{p['template']}\"): {p['classes_present_per_image']:.2f} "
+                     f"of {len(SHAPES)} classes present per scene, {p['classes_kept_per_image']:.2f} kept; present "
+                     f"classes kept {p['present_kept']:.3f}, absent classes dropped {p['absent_dropped']:.3f}")
     if r.get("support_mask_quality"):
         lines.append("support masks vs colour-recovered truth: " + "; ".join(
             f"{c} fg IoU {q['fg_iou']:.2f}, bg precision {q['bg_precision']:.2f}"
@@ -222,7 +251,19 @@ def main_args(a) -> int:
                              refine=getattr(a, "refine", DEFAULT_REFINER),
                              diagnostics=not getattr(a, "no_diagnostics", False),
                              split=getattr(a, "split", "test"),
-                             support_draws=getattr(a, "support_draws", BenchSettings.support_draws))
+                             support_draws=getattr(a, "support_draws", BenchSettings.support_draws),
+                             prefilter_clip=str(a.prefilter_clip) if getattr(a, "prefilter_clip", None) else None,
+                             prefilter_template=getattr(a, "prefilter_template", BenchSettings.prefilter_template))
+    if settings.prefilter_clip:
+        import sys
+
+        from ..models import ClipNotFoundError, resolve_clip
+
+        try:
+            resolve_clip(settings.prefilter_clip)  # before loading anything
+        except ClipNotFoundError as e:
+            print(f"error: --prefilter-clip: {e}", file=sys.stderr)
+            return 2
     pipe = load_pipeline(a.model)
     note = checkpoint_note(a.model)
     if note:

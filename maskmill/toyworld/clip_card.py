@@ -10,8 +10,31 @@ from pathlib import Path
 MEASURED = "## Measured"
 
 
+def _generated_text(summary: dict) -> str:
+    g, s = summary.get("generated_pool"), summary["settings"]
+    if not g:
+        return ""
+    share = s["generated_share"]
+    return f"""
+- **Generated data**: {share:.0%} of the items are cut from {g['images']:,} images the micro SD drew
+  (`{g['file']}`, `maskmill toyworld clip-pool --n {g['images']}`, {g['generate_seconds'] / 60:.1f} min): trained
+  captions with a seed stream of their own (`evaluate.SPLIT_SEEDS["clip-train"]`), never the tune or
+  eval split's images, never the held-out captions. Each object's region is recovered from the
+  image's colours and captioned with its colour and the shape `classify_shape` fits to it
+  ({g['regions']:,} regions; {g['judged_not_prompted']} judged another shape than prompted). Of these items,
+  85 % are object regions (the same crop and mask perturbations) and 15 % background regions.
+  This is the judge the check is measured against, on other images: the eval figures below stay held out."""
+
+
 def card_text(summary: dict) -> str:
     a, s, acc = summary["architecture"], summary["settings"], summary["rendered_accuracy"]
+    generated = _generated_text(summary)
+    rendered_part = f" ({1 - s['generated_share']:.0%} of them rendered, the rest generated)" if generated else ""
+    command = (f"maskmill toyworld train-clip --out maskmill/assets/shapes-clip --steps {s['steps']} --batch {s['batch']} "
+               f"--lr {s['lr']} --warmup {s['warmup']} --seed {s['seed']} --pool-scenes {s['pool_scenes']} "
+               f"--threads {s['threads']}" + (" --distort" if s.get("distort") else "")
+               + (f" --init {s['init']}" if s.get("init") else "")
+               + (f" --generated {s['generated']} --generated-share {s['generated_share']}" if generated else ""))
     return f"""# shapes-clip: the embedded micro CLIP (model card)
 
 clip-anytorch's own `clip.model.CLIP` class, tiny, trained contrastively on the rendered shapes
@@ -30,21 +53,22 @@ names, architecture inferred by `build_model` from the tensor shapes).
 ## Training
 
 - **Data**: {s['pool_scenes']:,} rendered scenes (seed {s['seed']}); multi-object captions held out of the
-  micro SD's training are held out here too. Each step draws {s['batch']} items afresh:
+  micro SD's training are held out here too. Each step draws {s['batch']} items afresh{rendered_part}:
   25 % whole scenes with their caption ("a red circle and a blue star"), 60 % object regions
   ("a red circle" or "a circle", half each), 15 % background regions ("{summary['background_prompt']}").
   Regions are cut with the check's own crop (mask's box made square, the rest filled with CLIP's
   mean colour, resized to {a['image_resolution']} px), from masks perturbed the way attention masks err
   (grown or shrunk a pixel, or coarsened to 8x8 / 16x16 and upsampled). Background regions are a
   random shape's outline on empty background, like a mask that found no object. Images are
-  blurred and noised half the time each (generated images are softer than rendered ones).
+  blurred and noised half the time each (generated images are softer than rendered ones).{generated}
 - **Loss**: CLIP's symmetric contrastive loss; a caption that describes several items of the
-  batch ("a circle") has all of them as positives (row-normalised targets).
+  batch ("a circle": every circle region and every scene with a circle in it) has all of them as
+  positives (row-normalised targets).
 - **Optimiser**: AdamW lr {s['lr']}, {s['warmup']} warm-up steps then cosine, weight decay {s['weight_decay']}
   (not on embeddings, gains and biases), gradient norm clipped to 1.
 - **Steps**: {s['steps']:,}; **time**: {summary['train_seconds'] / 60:.1f} minutes on {s['threads']} CPU thread(s) of a
   shared 2-core machine; final loss {summary['final_loss']}.
-- **Command**: `maskmill toyworld train-clip --out maskmill/assets/shapes-clip --steps {s['steps']} --batch {s['batch']} --lr {s['lr']} --warmup {s['warmup']} --seed {s['seed']} --pool-scenes {s['pool_scenes']} --threads {s['threads']}{' --distort' if s.get('distort') else ''}{' --init ' + str(s['init']) if s.get('init') else ''}`
+- **Command**: `{command}`
 
 ## Zero-shot accuracy on rendered regions (measured at the end of training)
 

@@ -1,4 +1,4 @@
-"""`maskmill toyworld train-clip` and `maskmill toyworld eval-clip`: the micro CLIP's commands."""
+"""`maskmill toyworld train-clip`, `clip-pool` and `eval-clip`: the micro CLIP's commands."""
 from __future__ import annotations
 
 import argparse
@@ -67,13 +67,46 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads (the machine is shared)")
     p.add_argument("--distort", action="store_true", help="warp half the scenes and roughen mask outlines")
     p.add_argument("--init", type=Path, help="continue from these CLIP weights (file or folder) instead of scratch")
+    p.add_argument("--generated", type=Path, help="also train on this pool of generated images (clip-pool's npz)")
+    p.add_argument("--generated-share", type=float, default=0.4,
+                   help="share of items cut from --generated images (default 0.4)")
+
+
+def _cmd_clip_pool(a) -> int:
+    import torch
+
+    if a.n < 2:
+        print(f"error: --n must be >= 2, got {a.n}", file=sys.stderr)
+        return 2
+    if a.out.suffix != ".npz":
+        print(f"error: --out must name an .npz file, got {a.out}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(a.threads)
+    from ..models import load_pipeline
+    from .clip_generated import make_pool
+
+    pipe = load_pipeline(a.model)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        print(json.dumps(make_pool(pipe, a.n, a.out, a.batch)))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def add_clip_commands(toyworld_sub) -> None:
-    """Add train-clip and eval-clip to the `maskmill toyworld` subcommands."""
+    """Add train-clip, clip-pool and eval-clip to the `maskmill toyworld` subcommands."""
     t = toyworld_sub.add_parser("train-clip", help="train the micro CLIP of the shapes world")
     add_train_arguments(t)
     t.set_defaults(fn=_cmd_train_clip)
+    g = toyworld_sub.add_parser("clip-pool", help="generate the micro CLIP's training images (own seed stream)")
+    g.add_argument("--out", type=Path, required=True, help="the pool's .npz file (continued if it exists)")
+    g.add_argument("--n", type=int, default=1024, help="generated images (half single objects)")
+    g.add_argument("--model", default="shapes-sd", help="the SD that generates the images")
+    g.add_argument("--batch", type=int, default=16, help="images per pipeline call")
+    g.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    g.set_defaults(fn=_cmd_clip_pool)
     e = toyworld_sub.add_parser("eval-clip", help="micro CLIP zero-shot accuracy and the CLIP check's catch rates")
     e.add_argument("--clip", default="shapes-clip", help="CLIP weights: embedded name, folder or file")
     e.add_argument("--model", default="shapes-sd", help="the SD that generates the images")

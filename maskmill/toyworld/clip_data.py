@@ -6,11 +6,12 @@ Every item is a 32x32 image with a meaning: ("obj", colour, shape), ("scene", ca
 a pixel grown or shrunk, or coarsened to 8x8 / 16x16 and upsampled. Background items take a
 random shape's outline on empty background, like a mask that found no object. Blur and noise
 bring rendered images closer to generated ones; `distort` (train-clip --distort) also warps half
-the scenes and gives masks ragged outlines.
+the scenes and gives masks ragged outlines. Items of generated images (`clip_generated.py`) are
+cut the same way from their colour-recovered regions, captioned with the shape the judge sees.
 
 Captions: "a red circle" or "a circle" for objects, the scene caption for scenes, BACKGROUND for
-background. A caption matches every item it describes ("a circle" matches every circle), so the
-contrastive loss has several positives where captions repeat.
+background. A caption matches every item it describes ("a circle" matches every circle, and every
+scene with a circle in it), so the contrastive loss has several positives where captions repeat.
 """
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ from .render import COLOURS, IMAGE_SIZE, SHAPES, Scene, canonical_key, caption_f
 
 BACKGROUND = "background"
 KIND_WEIGHTS = {"scene": 0.25, "obj": 0.6, "bg": 0.15}
+GENERATED_KINDS = {"gen": 0.85, "genbg": 0.15}  # generated object / background regions, within their share
+
+
+def kind_weights(generated_share: float = 0.0) -> dict[str, float]:
+    """Item kinds and their weights: `generated_share` of the items come from generated images."""
+    weights = {k: w * (1 - generated_share) for k, w in KIND_WEIGHTS.items()}
+    if generated_share > 0:
+        weights.update({k: w * generated_share for k, w in GENERATED_KINDS.items()})
+    return weights
 
 
 @dataclass(frozen=True)
@@ -127,10 +137,12 @@ def _scene_key_of(caption: str) -> str:
 
 
 def describes(caption_meaning_: tuple, item_meaning: tuple) -> bool:
-    """Does a caption describe an item? A single object's scene is the object itself."""
-    if item_meaning[0] == "scene" and " + " not in item_meaning[1]:  # one object: its scene caption is "a red circle"
-        colour, shape = item_meaning[1].split()
-        item_meaning = ("obj", colour, shape)
+    """Does a caption describe an item? A single object's scene is the object itself, and an object
+    caption ("a circle", "a red circle") is true of every scene holding such an object: what
+    OVDiff's class pre-filter asks of a whole image."""
+    if item_meaning[0] == "scene" and caption_meaning_[0] == "obj":
+        objects = [tuple(phrase.split()) for phrase in item_meaning[1].split(" + ")]
+        return any(describes(caption_meaning_, ("obj", colour, shape)) for colour, shape in objects)
     if caption_meaning_[0] != item_meaning[0]:
         return False
     if caption_meaning_[0] == "obj":
@@ -138,14 +150,39 @@ def describes(caption_meaning_: tuple, item_meaning: tuple) -> bool:
     return caption_meaning_ == item_meaning
 
 
+def _generated_item(region, kind: str, rng: np.random.Generator, size: int) -> tuple | None:
+    """(crop, caption, meaning) of a generated image: its object region ("gen") or a background region ("genbg")."""
+    if kind == "gen":
+        crop = region_crop(region.image, perturb_mask(region.mask, rng), size, float(rng.uniform(0.0, 0.3)))
+        return crop, object_caption(region.colour, region.shape, bool(rng.random() < 0.5)), \
+            ("obj", region.colour, region.shape)
+    mask = background_mask(region.occupied.astype(np.uint8), rng)
+    if mask is None:
+        return None
+    return region_crop(region.image, mask, size, float(rng.uniform(0.0, 0.3))), BACKGROUND, ("bg",)
+
+
 def sample_batch(pool: list[RenderedScene], n: int, rng: np.random.Generator, size: int = IMAGE_SIZE,
-                 kind_weights: dict[str, float] = KIND_WEIGHTS, distort: bool = False) -> tuple[np.ndarray, list[str], list[tuple]]:
-    """(uint8 images (n, size, size, 3), captions, meanings) of randomly drawn, augmented items."""
+                 kind_weights: dict[str, float] = KIND_WEIGHTS, distort: bool = False,
+                 generated: list | None = None) -> tuple[np.ndarray, list[str], list[tuple]]:
+    """(uint8 images (n, size, size, 3), captions, meanings) of randomly drawn, augmented items.
+
+    generated: `clip_generated.GeneratedRegion`s for the kinds "gen" (an object region, captioned
+    with its judged shape) and "genbg" (a background region of a generated image)."""
     kinds, weights = list(kind_weights), np.array(list(kind_weights.values()))
+    if not generated and {"gen", "genbg"} & {k for k, w in kind_weights.items() if w > 0}:
+        raise ValueError("kinds 'gen' and 'genbg' need generated regions")
     images, captions, meanings = [], [], []
     while len(images) < n:
-        item = pool[int(rng.integers(len(pool)))]
+        item = pool[int(rng.integers(len(pool)))]  # drawn first for every kind: the rendered-only stream is unchanged
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        if kind in ("gen", "genbg"):
+            drawn = _generated_item(generated[int(rng.integers(len(generated)))], kind, rng, size)
+            if drawn is not None:
+                images.append(drawn[0])
+                captions.append(drawn[1])
+                meanings.append(drawn[2])
+            continue
         image, labels = item.image, item.labels
         if distort and rng.random() < 0.5:
             image, labels = warp(image, labels, rng)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..clip_model import CONFIG_FILE, WEIGHTS_FILE, new_clip
-from .clip_data import BACKGROUND, caption_meaning, describes, render_pool, sample_batch
+from .clip_data import BACKGROUND, caption_meaning, describes, kind_weights, render_pool, sample_batch
 
 ARCHITECTURE = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=4,
                     context_length=32, vocab_size=49408, transformer_width=64, transformer_heads=1,
@@ -44,6 +44,8 @@ class ClipTrainSettings:
     eval_scenes: int = 400  # rendered scenes for the accuracy in the model card
     architecture: dict = field(default_factory=lambda: dict(ARCHITECTURE))
     init: str | None = None  # continue from these weights (their architecture wins)
+    generated: str | None = None  # a pool of generated images (`clip_generated.make_pool`)
+    generated_share: float = 0.4  # share of the items cut from it, when given
 
     def check(self) -> None:
         for name in ("steps", "batch", "warmup", "pool_scenes", "threads"):
@@ -51,6 +53,10 @@ class ClipTrainSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
             raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
+        if not 0 < self.generated_share < 1:
+            raise ValueError(f"--generated-share must be in (0, 1), got {self.generated_share}")
+        if self.generated is not None and not Path(self.generated).is_file():
+            raise ValueError(f"--generated: no such file {self.generated}")
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, positives: torch.Tensor,
@@ -82,6 +88,13 @@ def train(settings: ClipTrainSettings, out: Path) -> dict:
     rng = np.random.default_rng(settings.seed)
     t0 = time.time()
     pool = render_pool(settings.pool_scenes, seed=settings.seed)
+    generated, generated_summary = None, None
+    if settings.generated:
+        from .clip_generated import load_regions, pool_summary
+
+        generated = load_regions(settings.generated)
+        generated_summary = pool_summary(settings.generated, generated)
+    weights = kind_weights(settings.generated_share if generated else 0.0)
     model = _initial_model(settings)
     scorer = ClipModel(model, out / WEIGHTS_FILE)  # its tokenizer and normalisation, while training
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -92,7 +105,7 @@ def train(settings: ClipTrainSettings, out: Path) -> dict:
     bar = tqdm(range(settings.steps), desc="train-clip", mininterval=5)
     for step in bar:
         images, captions, meanings = sample_batch(pool, settings.batch, rng, settings.architecture["image_resolution"],
-                                                  distort=settings.distort)
+                                                  weights, distort=settings.distort, generated=generated)
         texts = list(dict.fromkeys(captions))
         positives = torch.tensor([[describes(caption_meaning(t), m) for t in texts] for m in meanings])
         tokens = scorer.tokenize(texts)
@@ -124,7 +137,8 @@ def train(settings: ClipTrainSettings, out: Path) -> dict:
                                                                    if k != "architecture"},
                "background_prompt": BACKGROUND, "train_seconds": round(train_seconds, 1),
                "final_loss": log[-1]["loss"], "trained_token_rows": len(used_tokens),
-               "rendered_accuracy": accuracy, "parameters": sum(p.numel() for p in model.parameters())}
+               "rendered_accuracy": accuracy, "parameters": sum(p.numel() for p in model.parameters()),
+               "generated_pool": generated_summary}
     (out / CONFIG_FILE).write_text(json.dumps(summary, indent=1))
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     return summary
@@ -156,7 +170,9 @@ def _export_state(model: torch.nn.Module, used_tokens: set[int]) -> dict[str, to
 def run_args(a: argparse.Namespace) -> int:
     settings = ClipTrainSettings(steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed,
                                  pool_scenes=a.pool_scenes, threads=a.threads,
-                                 init=str(a.init) if a.init else None, distort=a.distort)
+                                 init=str(a.init) if a.init else None, distort=a.distort,
+                                 generated=str(a.generated) if a.generated else None,
+                                 generated_share=a.generated_share)
     try:
         settings.check()  # before rendering or training anything
     except ValueError as e:

@@ -43,7 +43,9 @@ class EvalItem:
         return "single" if len(self.colours) == 1 else "multi"
 
 
-SPLIT_SEEDS = {"eval": 20261122, "tune": 7}
+# "clip-train": trained captions with its own seeds, generated once as training data of the micro
+# CLIP (`clip_generated.py`), never for measuring anything.
+SPLIT_SEEDS = {"eval": 20261122, "tune": 7, "clip-train": 515}
 
 
 def eval_items(n: int, split: str = "eval") -> list[EvalItem]:
@@ -51,7 +53,8 @@ def eval_items(n: int, split: str = "eval") -> list[EvalItem]:
 
     split "eval": the multi-object captions are the held-out ones (never trained on) and every
     reported figure uses them. split "tune": trained multi-object captions with other seeds, for
-    choosing settings without looking at the held-out captions.
+    choosing settings without looking at the held-out captions. split "clip-train": like "tune",
+    with seeds of its own (training data of the micro CLIP).
     """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLIT_SEEDS)}")

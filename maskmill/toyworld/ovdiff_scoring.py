@@ -110,3 +110,20 @@ def mean_table(tables: list[dict]) -> dict:
             "per_class": {c: mean_present([t["per_class"][c] for t in tables]) for c in tables[0]["per_class"]},
             "pixel_acc": float(np.mean([t["pixel_acc"] for t in tables])),
             "miou_per_draw": mious, "miou_std": float(np.std(mious))}
+
+
+def prefilter_figures(prefilter, images: np.ndarray, labels: np.ndarray) -> dict:
+    """How the class pre-filter treats the test scenes: classes present / kept per image, the share of
+    present classes it keeps (a dropped one cannot be segmented) and of absent ones it drops."""
+    present = kept = kept_present = absent = dropped_absent = 0
+    for image, gt in zip(images, labels):
+        truth = {SHAPES[v - 1] for v in np.unique(gt) if v > 0}
+        keep = set(prefilter(image, list(SHAPES)))
+        present += len(truth)
+        kept += len(keep)
+        kept_present += len(truth & keep)
+        absent += len(SHAPES) - len(truth)
+        dropped_absent += len(set(SHAPES) - truth - keep)
+    n = max(1, len(images))
+    return {"classes_present_per_image": present / n, "classes_kept_per_image": kept / n,
+            "present_kept": kept_present / max(1, present), "absent_dropped": dropped_absent / max(1, absent)}

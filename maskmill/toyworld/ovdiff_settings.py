@@ -36,6 +36,10 @@ class BenchSettings:
     diagnostics: bool = True  # also banks from oracle support masks (`recovered_support`, `rendered_support`)
     split: str = "test"  # which rendered scenes are segmented (SCENE_SEEDS)
     support_draws: int = 6  # support sets (seeds seed, seed + 1, ...) every mIoU is averaged over
+    # OVDiff's CLIP class pre-filter: with a CLIP (name, folder or file), the full method is also
+    # reported with it; the template is what the CLIP was trained on ("a circle" for the micro CLIP)
+    prefilter_clip: str | None = None
+    prefilter_template: str = "a {}"
 
     def resolved(self) -> "BenchSettings":
         from ..prototypes.support import support_defaults
