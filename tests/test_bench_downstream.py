@@ -46,3 +46,58 @@ def test_summary_gives_mean_std_and_ratios_to_oracle_and_ceiling():
     assert t["plain"]["seediff"][32]["vs_oracle"] == pytest.approx(0.5)
     md = markdown({"runs": runs, "settings": {}}, ["oracle", "ceiling", "seediff", "cross"])
     assert "| seediff | 0.400 ± 0.000 (3) |" in md and "| cross |" not in md
+
+
+def _hand_made_pool(path, prompted_as):
+    """A pool of rendered scenes whose SeeDiff labels say what `prompted_as` says was prompted per sample."""
+    from maskmill.toyworld.downstream_pool import Pool
+    from maskmill.toyworld.render import sample_scene, render
+    from maskmill.toyworld.testset import class_labels
+
+    rng = np.random.default_rng(7)
+    pool = Pool(path)
+    for prompted in prompted_as:
+        scene = sample_scene(rng)
+        image, instances = render(scene)
+        drawn = [o.shape for o in scene.objects]
+        prompts = [p or d for p, d in zip(prompted, drawn)]  # None: the prompted shape was drawn
+        labels = class_labels(scene, instances)
+        for k, shape in enumerate(prompts, 1):  # the mask is tight around the drawn object, labelled as prompted
+            labels[instances == k] = SHAPES.index(shape) + 1
+        pool.images.append(image)
+        pool.objects.append([(o.colour, s) for o, s in zip(scene.objects, prompts)])
+        pool.labels["seediff"].append(labels)
+        pool.misdrawn.append(prompts != drawn)
+    return pool
+
+
+def test_seediff_clip_drops_a_sample_whose_region_is_another_shape(tmp_path):
+    from maskmill.toyworld.bench_downstream import labelling
+
+    clip = DownstreamConfig().clip
+    pool = _hand_made_pool(tmp_path / "pool.npz", [[None] * 3] * 6)
+    images, masks = labelling(pool, "seediff_clip", 6, clip)  # rendered shapes labelled right: all kept
+    assert np.array_equal(images, np.stack(pool.images)) and np.array_equal(masks, np.stack(pool.labels["seediff"]))
+
+    # sample 2: its first object's region is labelled (prompted) as a shape it is not
+    wrong = next(s for s in ("circle", "star", "square", "triangle") if s not in [o[1] for o in pool.objects[2]])
+    bad = _hand_made_pool(tmp_path / "pool.npz", [[None] * 3, [None] * 3, [wrong, None, None]] + [[None] * 3] * 3)
+    assert bad.misdrawn == [False, False, True, False, False, False]
+    images, masks = labelling(bad, "seediff_clip", 5, clip)
+    keep = [0, 1, 3, 4, 5]
+    assert np.array_equal(images, np.stack([bad.images[i] for i in keep]))
+    assert np.array_equal(masks, np.stack([bad.labels["seediff"][i] for i in keep]))
+    assert labelling(bad, "seediff_clip", 6, clip) is None  # only 5 pass: N=6 cannot be supplied
+
+
+def test_report_keeps_the_hand_written_tail_of_the_table(tmp_path):
+    from maskmill.toyworld.downstream_report import KEEP_BELOW, write_report
+
+    cfg = DownstreamConfig(results=tmp_path / "r.json", table=tmp_path / "t.md", methods=["oracle"])
+    runs = [_run("oracle", 32, 0, 0.8, 0.4)]
+    write_report({"runs": runs, "settings": cfg.model_dump(mode="json")}, cfg)
+    tail = f"{KEEP_BELOW}\n\n## How the recipe was chosen\n\nby hand\n"
+    cfg.table.write_text(cfg.table.read_text() + "\n" + tail)
+    write_report({"runs": runs + [_run("oracle", 32, 1, 0.6, 0.4)], "settings": cfg.model_dump(mode="json")}, cfg)
+    text = cfg.table.read_text()
+    assert "| oracle | 0.700 ± 0.141 (2) |" in text and text.endswith(tail) and text.count(KEEP_BELOW) == 1

@@ -25,12 +25,19 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..config import ClipCheckConfig
+from ..segmenter.config import SegmenterSize, TrainConfig
 from ..shards import RunLayout, SampleRecord, build_meta, sample_key, write_shard
 from .render import SHAPES, render
 from .testset import class_labels, oracle_scene, rendered_scenes, split_rng, write_labelled_folder
 
-ORACLE, CEILING, CLEAN = "oracle", "ceiling", "ceiling_clean"
-ALL_METHODS = (ORACLE, CEILING, "seediff", "cross", "propagated", "cross_x_propagated", "diffseg", "diffcut")
+ORACLE, CEILING, CLEAN, CLIPPED = "oracle", "ceiling", "ceiling_clean", "seediff_clip"
+ALL_METHODS = (ORACLE, CEILING, "seediff", CLIPPED, "cross", "propagated", "cross_x_propagated", "diffseg", "diffcut")
+# the pool's own labellings (every accepted sample has them); the others label a prefix of the pool
+POOL_WIDE = (ORACLE, CEILING, CLEAN, "seediff", CLIPPED)
+# results of other values of these cannot share a results file
+SETTING_KEYS = {"split", "steps", "lr", "batch_size", "n_test", "size", "crop_scale", "clip"}
+TRAIN_DEFAULTS = {k: f.default for k, f in TrainConfig.model_fields.items()}
 
 
 class DownstreamConfig(BaseModel):
@@ -45,16 +52,24 @@ class DownstreamConfig(BaseModel):
     methods: list[str] = list(ALL_METHODS)
     sizes: list[int] = [32, 128]  # every method
     big_sizes: list[int] = [512, 2000]  # big_methods only
-    big_methods: list[str] = [ORACLE, CEILING, "seediff"]
+    big_methods: list[str] = [ORACLE, CEILING, "seediff", CLIPPED]
     clean_sizes: list[int] = [128, 512]  # the ceiling without mis-drawn samples, same N
     seeds: int = Field(3, gt=0)
     n_test: int = Field(256, gt=0)
-    # Chosen on the tune split (docs/downstream.md): at equal compute, batch 8 x 600 steps beat 16 x 300.
-    steps: int = Field(600, gt=0)
-    lr: float = Field(4e-3, gt=0)
-    batch_size: int = Field(8, gt=0)
+    # The segmenter recipe: train-segmenter's defaults, chosen on the tune split (docs/downstream.md).
+    size: SegmenterSize = SegmenterSize()
+    steps: int = Field(TRAIN_DEFAULTS["steps"], gt=0)
+    lr: float = Field(TRAIN_DEFAULTS["lr"], gt=0)
+    batch_size: int = Field(TRAIN_DEFAULTS["batch_size"], gt=0)
+    crop_scale: tuple[float, float] = TRAIN_DEFAULTS["crop_scale"]
+    # seediff_clip: SeeDiff samples that pass the CLIP check as a run's filter.clip would apply it (README)
+    clip: ClipCheckConfig = ClipCheckConfig(model="shapes-clip", min_margin=-0.05, action="reject")
     jobs: int = Field(2, gt=0)  # trainings in parallel, one torch thread each
     grow: bool = True  # False: another process grows the pool; wait for it
+
+    def train_settings(self) -> dict:
+        """The TrainConfig fields every cell shares."""
+        return self.model_dump(mode="json", include={"size", "steps", "lr", "batch_size", "crop_scale"})
 
     def cells(self) -> list[tuple[str, int]]:
         """(method, N) in the order they run: small N for everyone first, then the big ones."""
@@ -65,7 +80,7 @@ class DownstreamConfig(BaseModel):
 
 
 QUICK = dict(methods=[ORACLE, CEILING, "seediff", "cross"], sizes=[32], big_sizes=[], clean_sizes=[], seeds=2,
-             n_test=128, steps=300)
+             n_test=128)
 
 
 def write_run(root: Path, images: np.ndarray, masks: np.ndarray, classes: list[str], shard_size: int = 64,
@@ -97,15 +112,23 @@ def oracle_data(objects: list[list[tuple[str, str]]]) -> tuple[np.ndarray, np.nd
     return np.stack(images), np.stack(masks)
 
 
-def labelling(pool, method: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The first n training pairs of a method, or None when the pool cannot supply them."""
+def labelling(pool, method: str, n: int, clip: ClipCheckConfig | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first n training pairs of a method, or None when the pool cannot supply them.
+
+    ceiling_clean and seediff_clip skip samples (mis-drawn ones; those the CLIP check `clip`
+    rejects) and take the first n of the rest."""
     if method == ORACLE:
         return oracle_data(pool.objects[:n]) if len(pool) >= n else None
-    if method == CLEAN:
-        keep = [i for i in range(len(pool)) if not pool.misdrawn[i]][:n]
+    if method in (CLEAN, CLIPPED):
+        if method == CLEAN:
+            source, keep = CEILING, [i for i in range(len(pool)) if not pool.misdrawn[i]][:n]
+        else:
+            from .downstream_pool import clip_kept
+
+            source, keep = "seediff", [i for i, ok in enumerate(clip_kept(pool, clip)) if ok][:n]
         if len(keep) < n:
             return None
-        return np.stack([pool.images[i] for i in keep]), np.stack([pool.labels[CEILING][i] for i in keep])
+        return np.stack([pool.images[i] for i in keep]), np.stack([pool.labels[source][i] for i in keep])
     if pool.n_labelled(method) < n:
         return None
     return np.stack(pool.images[:n]), np.stack(pool.labels[method][:n])
@@ -116,12 +139,11 @@ def _train_and_score(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from ..segmenter.config import TrainConfig
     from ..segmenter.evaluate import evaluate_folder
     from ..segmenter.train import train_segmenter
 
-    cfg = TrainConfig(data=[job["run"]], out=job["out"], classes=list(SHAPES), steps=job["steps"], lr=job["lr"],
-                      batch_size=job["batch_size"], seed=job["seed"], progress=False)
+    cfg = TrainConfig(data=[job["run"]], out=job["out"], classes=list(SHAPES), seed=job["seed"], progress=False,
+                      **job["train"])
     t0 = time.perf_counter()
     metrics = train_segmenter(cfg, log=lambda *_: None)
     from ..segmenter.model import load_model
@@ -151,9 +173,8 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
             write_labelled_folder(folder, *rendered_scenes(cfg.n_test, cfg.split, kind == "hard"), list(SHAPES))
         tests[kind] = str(folder)
     results = json.loads(Path(cfg.results).read_text()) if Path(cfg.results).is_file() else {}
-    if results.get("settings", {}) and {k: v for k, v in results["settings"].items() if k in ("split", "steps", "lr",
-                                        "batch_size", "n_test")} != cfg.model_dump(include={"split", "steps", "lr",
-                                                                                              "batch_size", "n_test"}):
+    if results.get("settings", {}) and {k: v for k, v in results["settings"].items() if k in SETTING_KEYS} \
+            != cfg.model_dump(mode="json", include=SETTING_KEYS):
         raise ValueError(f"{cfg.results} holds results of other settings; choose another --results path")
     done = {_key(r) for r in results.get("runs", [])}
     wall_before = results.get("wall_seconds", 0.0)  # a resumed benchmark adds up its sessions
@@ -165,9 +186,9 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
     pending_sizes = [n for n in dict.fromkeys(n for _, n in cells)
                      if any((m, n, s) not in done for m, n2 in cells if n2 == n for s in range(cfg.seeds))]
     for n_target in pending_sizes:  # grow the pool only as far as the next size needs
-        need_all = max([n for m, n in cells if m not in (ORACLE, CEILING, CLEAN, "seediff") and n <= n_target],
-                       default=0)
-        need = n_target + (n_target // 6 if any(m == CLEAN and n == n_target for m, n in cells) else 0)
+        need_all = max([n for m, n in cells if m not in POOL_WIDE and n <= n_target], default=0)
+        # about 1 in 6 samples is mis-drawn or fails the CLIP check
+        need = n_target + (n_target // 5 if any(m in (CLEAN, CLIPPED) and n == n_target for m, n in cells) else 0)
         while not cfg.grow and (len(pool) < need or pool.n_labelled("cross") < need_all):
             log(f"waiting for the pool to reach {need} samples ({len(pool)} now)")
             time.sleep(60)
@@ -183,7 +204,7 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
         for method, n in cells:
             if n != n_target:
                 continue
-            data = labelling(pool, method, n)
+            data = labelling(pool, method, n, cfg.clip)
             if data is None:
                 log(f"skip {method} N={n}: the pool cannot supply it")
                 continue
@@ -192,8 +213,8 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
                 write_run(run_dir, *data, list(SHAPES), shard_size=max(8, n // 8))
             for seed in range(cfg.seeds):
                 if (method, n, seed) not in done:
-                    jobs.append(dict(method=method, n=n, seed=seed, run=str(run_dir), tests=tests, steps=cfg.steps,
-                                     lr=cfg.lr, batch_size=cfg.batch_size,
+                    jobs.append(dict(method=method, n=n, seed=seed, run=str(run_dir), tests=tests,
+                                     train=cfg.train_settings(),
                                      out=str(work / "models" / cfg.split / f"{method}-{n}-s{seed}")))
         # spawn, not fork: the parent ran the diffusion model, and OpenMP does not survive a fork
         jobs.sort(key=lambda j: j["seed"])  # seed by seed: a run stopped early still covers every method
@@ -201,7 +222,7 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
             for fut in as_completed([ex.submit(_train_and_score, j) for j in jobs]):
                 r = fut.result()
                 results["runs"].append(r)
-                results["pool"] = pool_summary(pool)
+                results["pool"] = pool_summary(pool, cfg.clip if CLIPPED in cfg.methods else None)
                 results["wall_seconds"] = round(time.time() - t_start + wall_before, 1)
                 write_report(results, cfg)
                 log(f"{r['method']:20s} N={r['n']:5d} seed {r['seed']}: plain {r['plain']['miou']:.3f} "
@@ -211,9 +232,17 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
     return results
 
 
-def pool_summary(pool) -> dict:
-    """How the generated images were made and how many are mis-drawn, per prefix size."""
+def pool_summary(pool, clip: ClipCheckConfig | None = None) -> dict:
+    """How the generated images were made, how many are mis-drawn (and rejected by the CLIP check), per prefix size."""
     mis = np.array(pool.misdrawn)
-    return {"accepted": len(pool), "generated": pool.candidates,
-            "misdrawn": {str(n): int(mis[:n].sum()) for n in (32, 128, 512, 2000) if n <= len(pool)},
-            "misdrawn_total": int(mis.sum())}
+    sizes = [n for n in (32, 128, 512, 2000) if n <= len(pool)]
+    out = {"accepted": len(pool), "generated": pool.candidates, "misdrawn": {str(n): int(mis[:n].sum()) for n in sizes},
+           "misdrawn_total": int(mis.sum())}
+    if clip is not None:
+        from .downstream_pool import clip_kept
+
+        rejected = ~np.array(clip_kept(pool, clip))
+        out["clip_rejected"] = {str(n): int(rejected[:n].sum()) for n in sizes}
+        out["clip_rejected_total"] = int(rejected.sum())
+        out["clip_rejected_misdrawn"] = int((rejected & mis).sum())
+    return out

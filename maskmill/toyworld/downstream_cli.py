@@ -67,11 +67,12 @@ def add_downstream_parsers(tsub) -> None:
                    help="test: reported figures; tune: choosing settings (disjoint seeds)")
     r.set_defaults(fn=_render_testset)
     b = tsub.add_parser("bench-downstream", help="train a segmenter on each labelling, score on rendered scenes")
-    b.add_argument("--quick", action="store_true", help="N=32, 4 methods, 2 seeds, 300 steps (a few minutes)")
+    b.add_argument("--quick", action="store_true",
+                   help="N=32, 4 methods, 2 seeds, 128 test scenes (8 trainings of the full recipe)")
     b.add_argument("--split", choices=["test", "tune"], help="rendered scenes scored (tune: for choosing settings)")
     b.add_argument("--methods", help="comma-separated labellings (default: all)")
     b.add_argument("--sizes", help="comma-separated N for every method (default 32,128)")
-    b.add_argument("--big-sizes", help="comma-separated N for oracle, ceiling, seediff only (default 512,2000)")
+    b.add_argument("--big-sizes", help="comma-separated N for oracle, ceiling, seediff, seediff_clip only (default 512,2000)")
     b.add_argument("--clean-sizes", help="N for the ceiling without mis-drawn samples (default 128,512)")
     b.add_argument("--wait-for-pool", action="store_true",
                    help="another process grows WORK/pool.npz: wait for it instead of generating")

@@ -9,7 +9,8 @@ that config accepts. Each pooled sample carries, as run class ids (0 background,
 - the other extractors' masks, for the first `n_all_methods` samples only (they need other
   capture windows, so those images are generated again: capture never changes an image);
 and `misdrawn`: some prompted object is drawn as another shape (or not at all), which the
-colour-recovered truth cannot see.
+colour-recovered truth cannot see. `clip_kept` says which samples a run's CLIP check
+(`filter.clip`) would let through.
 
 The pool is saved after every batch (pool.npz) and extended on the next call, so a long
 benchmark can grow it step by step.
@@ -23,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from ..capture import CaptureConfig
-from ..config import load_config
+from ..config import ClipCheckConfig, load_config
 from ..extractors import get_extractor
 from ..generate import generate_with_attention, latent_hw
 from ..plan import RunPlan
-from ..produce import capture_config_for, class_specs, rejection_reason, settings_of
+from ..produce import capture_config_for, class_specs, clip_check_for, rejection_reason, settings_of
 from ..shards.records import remap_labels
 from .recover import MIN_REGION_PIXELS, classify_shape, recover_masks
+from .render import SHAPES
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes.yaml"
 PRODUCT = "seediff"
@@ -63,6 +65,7 @@ class Pool:
         self.indices: list[int] = []  # each sample's candidate index in the plan
         self.next_index = 0  # next candidate index of the plan
         self.candidates = 0  # generated (accepted + rejected)
+        self.clip_verdicts: dict[ClipCheckConfig, list[bool]] = {}  # clip_kept's, per check config
         if self.path.exists():
             self._load()
 
@@ -105,6 +108,27 @@ class Pool:
         self.path.with_suffix(".json").write_text(json.dumps(
             {"prompts": self.prompts, "indices": self.indices, "objects": self.objects, "next_index": self.next_index,
              "candidates": self.candidates}))
+
+
+def clip_kept(pool: Pool, config: ClipCheckConfig) -> list[bool]:
+    """Per pooled sample: does its SeeDiff mask pass the CLIP check `config`, as a run's filter.clip
+    judges it (every prompted class's region scored against the run's classes)? Cached on the pool."""
+    done = pool.clip_verdicts.setdefault(config, [])
+    todo = range(len(done), len(pool))
+    if todo:
+        names = [[shape for _, shape in pool.objects[i]] for i in todo]
+        # the pool holds run ids (1 + SHAPES index); the check reads 1..K in the prompt's class order
+        local = [_prompt_ids(pool.labels[PRODUCT][i], n) for i, n in zip(todo, names)]
+        decisions = clip_check_for(config).check([pool.images[i] for i in todo], local, names, list(SHAPES))
+        done += [d.keep for d in decisions]
+    return done
+
+
+def _prompt_ids(run_labels: np.ndarray, names: list[str]) -> np.ndarray:
+    out = np.where(run_labels == 255, 255, 0).astype(np.uint8)
+    for k, name in enumerate(names, 1):
+        out[run_labels == SHAPES.index(name) + 1] = k
+    return out
 
 
 def grow_pool(pipe, pool: Pool, n: int, n_all_methods: int, batch: int = 16, log=print) -> Pool:

@@ -11,6 +11,8 @@ from .render import SHAPES
 
 ORACLE, CEILING = "oracle", "ceiling"
 TEST_SETS = ("plain", "hard")
+# text after this line in the table file is hand-written (how the settings were chosen, history): kept
+KEEP_BELOW = "<!-- hand-written below this line: bench-downstream keeps it -->"
 
 
 def cell_scores(runs: list[dict], test: str) -> dict[tuple[str, int], list[float]]:
@@ -68,17 +70,26 @@ def markdown(results: dict, methods: list[str]) -> str:
              "Training labels: **oracle** = rendered scenes with exact masks holding the same prompted objects "
              "(\"real\" data, same count); **ceiling** = the generated images' truth recovered from their colours; "
              "**ceiling_clean** = the same without samples whose drawn shape is not the prompted one; **seediff** = "
-             "the product (shapes config); **cross** = raw cross-attention threshold (DAAM / DiffuMask style); "
+             "the product (shapes config); **seediff_clip** = SeeDiff samples that pass the CLIP check "
+             "(`filter.clip` with the micro CLIP: those it rejects are dropped and the next ones taken, same N); "
+             "**cross** = raw cross-attention threshold (DAAM / DiffuMask style); "
              "**propagated** = self-attention-propagated map; **cross_x_propagated** = SA^k @ CA times cross "
              "(Dataset Diffusion style); **diffseg**, **diffcut** = the other extractors, default parameters.", "",
              f"Split `{s.get('split')}` ({s.get('n_test')} rendered scenes per test set); the same SegFormer "
-             f"(config-initialised, {s.get('steps')} steps, batch {s.get('batch_size')}, lr {s.get('lr')}) for "
-             f"every cell; mIoU mean ± std over training seeds (count in brackets); '-' = not run.", ""]
+             f"(config-initialised, {_size_text(s.get('size'))}; {s.get('steps')} steps, batch "
+             f"{s.get('batch_size')}, lr {s.get('lr')}, crop scale {s.get('crop_scale')}) for every cell; mIoU "
+             f"mean ± std over training seeds (count in brackets); '-' = not run.", ""]
     pool = results.get("pool", {})
     if pool:
         lines += [f"Generated pool: {pool['accepted']} accepted of {pool['generated']} generated; "
                   f"accepted samples with a prompted shape drawn as another (or missing): "
-                  + ", ".join(f"{v} of the first {k}" for k, v in pool["misdrawn"].items()) + ".", ""]
+                  + ", ".join(f"{v} of the first {k}" for k, v in pool["misdrawn"].items()) + "."]
+        if "clip_rejected" in pool:
+            lines += [f"The CLIP check rejects " + ", ".join(f"{v} of the first {k}" for k, v in
+                                                           pool["clip_rejected"].items())
+                      + f" ({pool['clip_rejected_total']} in all, {pool['clip_rejected_misdrawn']} of them mis-drawn; "
+                      f"{pool['misdrawn_total']} mis-drawn in all)."]
+        lines.append("")
     for test in TEST_SETS:
         lines += [f"## {test} test scenes: mIoU", "", "| training labels | " + " | ".join(f"N={n}" for n in sizes)
                   + " |", "|---|" + "---|" * len(sizes)]
@@ -112,6 +123,19 @@ def markdown(results: dict, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _size_text(size: dict | None) -> str:
+    if not size:
+        return "default size"
+    return (f"MiT widths {tuple(size['hidden_sizes'])}, depths {tuple(size['depths'])}, strides "
+            f"{tuple(size['strides'])}, decoder {size['decoder_hidden_size']}")
+
+
+def hand_written(table: Path) -> str:
+    """The table file's hand-written tail (from KEEP_BELOW on), or ''."""
+    text = Path(table).read_text() if Path(table).is_file() else ""
+    return text[text.index(KEEP_BELOW):] if KEEP_BELOW in text else ""
+
+
 def write_report(results: dict, cfg) -> None:
     Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.results).write_text(json.dumps({**results, "summary": {t: {m: {str(n): v for n, v in d.items()}
@@ -119,4 +143,5 @@ def write_report(results: dict, cfg) -> None:
                                                                      for t, tab in summary(results).items()}},
                                             indent=1) + "\n")
     Path(cfg.table).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.table).write_text(markdown(results, cfg.methods) + "\n")
+    tail = hand_written(cfg.table)
+    Path(cfg.table).write_text(markdown(results, cfg.methods) + "\n" + (f"\n{tail}" if tail else ""))
