@@ -63,7 +63,7 @@ class DownstreamConfig(BaseModel):
     batch_size: int = Field(TRAIN_DEFAULTS["batch_size"], gt=0)
     crop_scale: tuple[float, float] = TRAIN_DEFAULTS["crop_scale"]
     # seediff_clip: SeeDiff samples that pass the CLIP check as a run's filter.clip would apply it (README)
-    clip: ClipCheckConfig = ClipCheckConfig(model="shapes-clip", min_margin=-0.05, action="reject")
+    clip: ClipCheckConfig = ClipCheckConfig(model="shapes-clip", min_margin=0.05, action="reject")
     jobs: int = Field(2, gt=0)  # trainings in parallel, one torch thread each
     grow: bool = True  # False: another process grows the pool; wait for it
 
