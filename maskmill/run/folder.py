@@ -256,12 +256,13 @@ def clean_run(layout: RunLayout) -> dict[str, Any]:
     complete = set(layout.completed_shards())
     # a writer killed between its shard's stats and its "written" line: the shard is whole, so log it
     # once, before its lock goes (a kill in between leaves the lock, and the line, for the next run)
-    stale = [sid for sid in lock_ids(layout) if ShardLock(layout, sid).stale()]
+    stale = [lock for lock in (ShardLock(layout, sid) for sid in lock_ids(layout)) if lock.stale()]
     last = last_write_events(layout.root) if stale else {}
-    for sid in stale:
+    for lock in stale:
+        sid = lock.shard_id
         if sid in complete and last.get(sid) != "written" and layout.damage(sid) is None:
             log_event(layout.root, sid, "written", recovered=True)
-    removed_locks = [sid for sid in stale if ShardLock(layout, sid).break_if_stale()]
+    removed_locks = [lock.shard_id for lock in stale if lock.break_if_stale()]
     cleaned: list[str] = []
     for sid in layout.shard_ids_on_disk():
         paths = layout.shard(sid)

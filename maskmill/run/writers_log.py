@@ -43,7 +43,6 @@ def read_writers_log(root: str | os.PathLike) -> list[dict[str, Any]]:
     return entries
 
 
-
 WRITE_EVENTS = ("claimed", "written", "failed", "damaged")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write, atomic_write_bytes
 from ..capture import CaptureConfig
 from ..config import ClipCheckConfig, load_config
 from ..extractors import get_extractor
@@ -102,12 +103,14 @@ class Pool:
         arrays = {"images": np.stack(self.images), "misdrawn": np.array(self.misdrawn)}
         for m, v in self.labels.items():
             arrays[f"labels_{m}"] = np.stack(v) if v else np.zeros((0,), np.uint8)
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(self.path)
-        self.path.with_suffix(".json").write_text(json.dumps(
+        def write_npz(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to it
+                np.savez_compressed(f, **arrays)
+
+        atomic_write(self.path, write_npz)
+        atomic_write_bytes(self.path.with_suffix(".json"), json.dumps(
             {"prompts": self.prompts, "indices": self.indices, "objects": self.objects, "next_index": self.next_index,
-             "candidates": self.candidates}))
+             "candidates": self.candidates}).encode())
 
 
 def clip_kept(pool: Pool, config: ClipCheckConfig) -> list[bool]:

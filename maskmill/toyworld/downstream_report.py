@@ -85,7 +85,7 @@ def markdown(results: dict, methods: list[str]) -> str:
                   f"accepted samples with a prompted shape drawn as another (or missing): "
                   + ", ".join(f"{v} of the first {k}" for k, v in pool["misdrawn"].items()) + "."]
         if "clip_rejected" in pool:
-            lines += [f"The CLIP check rejects " + ", ".join(f"{v} of the first {k}" for k, v in
+            lines += ["The CLIP check rejects " + ", ".join(f"{v} of the first {k}" for k, v in
                                                            pool["clip_rejected"].items())
                       + f" ({pool['clip_rejected_total']} in all, {pool['clip_rejected_misdrawn']} of them mis-drawn; "
                       f"{pool['misdrawn_total']} mis-drawn in all)."]
