@@ -92,17 +92,24 @@ class _NoTorchvisionFallbackNote(logging.Filter):
         return "requires torchvision" not in record.getMessage()
 
 
-def quiet_libraries() -> None:
-    """A quiet console inside a run: no loading bars from diffusers or transformers, no torchvision note.
-    Warnings and errors otherwise still show. Idempotent; called before every pipeline load."""
-    import diffusers
+def quiet_transformers() -> None:
+    """transformers' share of `quiet_libraries`: no loading or saving bars, no torchvision note. Jobs that
+    load transformers models but no pipeline (the segmenter) call this alone, sparing the diffusers import."""
     import transformers
 
     note_logger = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _NoTorchvisionFallbackNote) for f in note_logger.filters):
         note_logger.addFilter(_NoTorchvisionFallbackNote())
-    diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+
+def quiet_libraries() -> None:
+    """A quiet console inside a run: no loading bars from diffusers or transformers, no torchvision note.
+    Warnings and errors otherwise still show. Idempotent; called before every pipeline load."""
+    import diffusers
+
+    quiet_transformers()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, scheduler: str | None = None, device: str | torch.device | None = None,

@@ -8,9 +8,9 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from maskmill.cli import main
-from maskmill.segmenter.config import TrainConfig
+from maskmill.segmenter.config import SegmenterSize, TrainConfig
 from maskmill.segmenter.evaluate import confusion_matrix, evaluate_folder, iou_from_confusion, read_labelled_folder
-from maskmill.segmenter.model import load_model, predict
+from maskmill.segmenter.model import build_model, load_model, predict, save_model
 from maskmill.segmenter.train import train_segmenter
 from maskmill.segmenter.transforms import FlipAndResizedCrop
 from maskmill.toyworld.bench_downstream import write_run
@@ -55,6 +55,26 @@ def test_joint_crop_keeps_labels_exact_and_aligned():
         inside = m == 3
         if inside.any():  # the red channel (object) follows the mask wherever the crop and flip put it
             assert (im[0][inside] > 0.5).float().mean() > 0.95 and (im[0][m == 0] < 0.5).float().mean() > 0.95
+
+
+def test_saving_and_loading_the_segmenter_draws_no_transformers_bars(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # a fresh process: nothing has silenced transformers yet
+    try:
+        model = build_model(list(SHAPES), SegmenterSize())
+        model.save_pretrained(tmp_path / "raw", safe_serialization=True)  # control: the bar shows when not silenced
+        assert "Writing model shards" in capfd.readouterr().err
+        hf_logging.enable_progress_bar()
+        save_model(model, tmp_path / "model")
+        hf_logging.enable_progress_bar()
+        again = load_model(tmp_path / "model")
+        out, err = capfd.readouterr()
+        assert "Writing model shards" not in out + err and "Loading weights" not in out + err
+        assert again.config.id2label[4] == "star"
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
 @pytest.fixture(scope="module")

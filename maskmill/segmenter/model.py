@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..models import quiet_transformers
 from .config import SegmenterSize
 
 BACKGROUND = "background"
@@ -29,6 +30,7 @@ def build_model(classes: list[str], size: SegmenterSize, init: str | None = None
 
     id2label, label2id = label_maps(classes)
     if init is not None:
+        quiet_transformers()
         return SegformerForSemanticSegmentation.from_pretrained(
             init, local_files_only=True, num_labels=len(id2label), id2label=id2label, label2id=label2id,
             ignore_mismatched_sizes=True)  # the decode head is replaced when the label space differs
@@ -45,7 +47,14 @@ def load_model(ckpt: str | Path):
     path = Path(ckpt)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no segmenter checkpoint (config.json) there")
+    quiet_transformers()  # transformers 5 draws a "Loading weights" bar per load
     return SegformerForSemanticSegmentation.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+
+
+def save_model(model, folder: str | Path) -> None:
+    """Save a segmenter as `load_model` reads it (model.safetensors + config.json), without a console bar."""
+    quiet_transformers()  # transformers 5 draws a "Writing model shards" bar per save
+    model.save_pretrained(folder, safe_serialization=True)
 
 
 def model_classes(model) -> list[str]:

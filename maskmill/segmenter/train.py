@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..loader import merged_classes, run_dataset, RunSource
 from ..shards.records import IGNORE
 from .config import TrainConfig
-from .model import build_model, logits_at
+from .model import build_model, logits_at, save_model
 from .transforms import FlipAndResizedCrop
 
 
@@ -69,7 +69,7 @@ def train_segmenter(cfg: TrainConfig, log=print) -> dict:
     bar.close()
     seconds = time.perf_counter() - t0
     out = Path(cfg.out)
-    model.eval().save_pretrained(out / "model", safe_serialization=True)
+    save_model(model.eval(), out / "model")
     (out / "train_config.json").write_text(cfg.model_dump_json(indent=1) + "\n")
     tail = max(1, len(losses) // 10)
     metrics = {"classes": classes, "steps": len(losses), "seconds": round(seconds, 1),
