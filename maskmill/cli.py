@@ -287,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--bank", type=Path, required=True, help="prototype bank (.safetensors from prototypes build)")
     sg.add_argument("--classes", required=True, help="comma-separated class names")
     sg.add_argument("--model", default="shapes-sd", help="the model the bank was built on (default shapes-sd)")
-    sg.add_argument("--clip", type=Path, help="local CLIP checkpoint for the class pre-filter")
+    sg.add_argument("--clip", help="CLIP for the class pre-filter: an embedded name (shapes-clip), a folder or a file")
+    sg.add_argument("--clip-template", metavar="TEMPLATE",
+                    help="the prompt --clip scores a class with, one '{}' for its name (default: the embedded "
+                         "shapes-clip's own captions 'a {}', CLIP's 'a photo of a {}.' for any other CLIP)")
     sg.add_argument("--out", type=Path, default=Path("outputs/segment"), help="output folder (default outputs/segment)")
     sg.add_argument("--no-background", action="store_true", help="no background class: every pixel gets a class")
     sg.add_argument("--refine", choices=REFINE_CHOICES, default=REFINE_CHOICES[0],

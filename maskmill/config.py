@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from .models import SCHEDULERS, ModelNotFoundError, load_tokenizer, resolve_model
+from .models import (EMBEDDED_CLIP_TEMPLATE, SCHEDULERS, ModelNotFoundError, check_class_template, load_tokenizer,
+                     resolve_model)
 from .prompts import PromptSetError, load_prompt_set
 from .tokens import ClassNotInPromptError, check_seed_phrases
 
@@ -44,7 +45,7 @@ class ClipCheckConfig(BaseModel):
     min_margin: float = Field(0.0, ge=-2, le=2,
                               description="own-class cosine similarity minus the best other prompt's must be >= this")
     action: Literal["reject", "ignore"] = "reject"
-    template: str = Field("a {}", description="prompt of a class; {} is its name")
+    template: str = Field(EMBEDDED_CLIP_TEMPLATE, description="prompt of a class; {} is its name")
     background_prompt: str = "background"
     box_margin: float = Field(0.1, ge=0, le=1, description="extra context around the mask's box, as a fraction")
     batch_size: int = Field(64, ge=1)
@@ -52,9 +53,7 @@ class ClipCheckConfig(BaseModel):
     @field_validator("template")
     @classmethod
     def _one_slot(cls, v: str) -> str:
-        if v.count("{}") != 1:
-            raise ValueError(f"template must contain exactly one '{{}}', got {v!r}")
-        return v
+        return check_class_template(v)
 
 
 class FilterConfig(_Strict):

@@ -262,3 +262,30 @@ def resolve_clip(model: str | Path) -> Path:
         raise ClipNotFoundError(f"CLIP model {str(model)!r} not found: give a local weight file (.safetensors, or a "
                                 f"plain state dict .pt), a folder with {CLIP_WEIGHTS_FILE}, or one of: {', '.join(EMBEDDED_CLIPS)}")
     return path
+
+
+# How a class is put into words for a CLIP. Real checkpoints were trained on web captions and score
+# CLIP's own zero-shot prompt best; the embedded micro CLIP was trained on captions like "a circle"
+# and never saw "a photo of" (its default is also the CLIP check's).
+CLIP_PHOTO_TEMPLATE = "a photo of a {}."
+EMBEDDED_CLIP_TEMPLATE = "a {}"
+
+
+def check_class_template(template: str) -> str:
+    """`template` unchanged if it has exactly one "{}" (the class name's slot) and no other field."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # an unmatched brace
+        fields = None
+    if fields != [""]:
+        raise ValueError(f"template must contain exactly one '{{}}' (where the class name goes), got {template!r}")
+    return template
+
+
+def clip_class_template(weights: str | Path) -> str:
+    """The default prompt of a class for the CLIP at `weights`: an embedded CLIP's own caption form,
+    CLIP's photo prompt for any other checkpoint."""
+    embedded = {(folder / CLIP_WEIGHTS_FILE).resolve() for folder in EMBEDDED_CLIPS.values()}
+    return EMBEDDED_CLIP_TEMPLATE if Path(weights).resolve() in embedded else CLIP_PHOTO_TEMPLATE

@@ -1,13 +1,14 @@
-"""`maskmill segment IMG... --bank BANK --classes a,b [--model M] [--clip CKPT] [--out DIR] [--no-background]
-[--refine {pamr,none}] [--max-side N]`
+"""`maskmill segment IMG... --bank BANK --classes a,b [--model M] [--clip CKPT [--clip-template T]] [--out DIR]
+[--no-background] [--refine {pamr,none}] [--max-side N]`
 
 Checks everything before any work: the class list, the image files (read as RGB by
 `maskmill.images.read_rgb`: 16-bit, float, palette and CMYK images converted correctly, others
 refused), the bank (readable, tensor and fingerprint hashes intact), the classes (each must have
-foreground prototypes in the bank), the CLIP checkpoint, the model; then rebuilds the bank's feature extractor on the chosen model (layers,
-timestep, size and noise seed are read from the bank's fingerprint) and refuses the bank unless
-its fingerprint matches (model configs and weights digest, extractor settings, maskmill
-version). Any of these failures prints one clear `error:` line and exits 2.
+foreground prototypes in the bank), the CLIP checkpoint and its template, the model; then rebuilds
+the bank's feature extractor on the chosen model (layers, timestep, size and noise seed are read
+from the bank's fingerprint) and refuses the bank unless its fingerprint matches (model configs
+and weights digest, extractor settings, maskmill version). Any of these failures prints one clear
+`error:` line and exits 2.
 
 Images larger than --max-side (default: the model's own image size, the UNet's sample size
 times the VAE's scale factor, 32 for shapes-sd and 512 for SD 1.5: what it was trained on, and a
@@ -16,6 +17,10 @@ size (nearest neighbour); the output line says so. Then it segments each image (
 over the background prototypes; scores refined with PAMR unless `--refine none`; argmax) and
 writes `<stem>.labels.png` (value k = k-th class of --classes, 0 background), `<stem>.overlay.png`
 and `<stem>.classes.json` into --out.
+
+With --clip, OVDiff's class pre-filter first keeps the classes the CLIP finds likely in the whole
+image, scoring each as --clip-template says (default: CLIP's "a photo of a {}."; the embedded
+shapes-clip was trained on "a circle" and never saw "a photo of", so its default is its own "a {}").
 """
 from __future__ import annotations
 
@@ -153,6 +158,33 @@ def expected_fingerprint(bank, extractor) -> dict:
             "maskmill_version": maskmill_version()}
 
 
+def clip_template_of(args) -> str | None:
+    """--clip-template checked (one "{}" slot, and a --clip to score it), or None for the CLIP's default."""
+    from .models import check_class_template
+
+    template = getattr(args, "clip_template", None)
+    if template is None:
+        return None
+    if getattr(args, "clip", None) is None:
+        raise SegmentError("--clip-template needs --clip (the CLIP that scores the classes with it)")
+    try:
+        return check_class_template(template)
+    except ValueError as e:
+        raise SegmentError(f"--clip-template: {e}") from None
+
+
+def clip_weights(args) -> Path | None:
+    """The --clip weight file (an embedded name, a folder or the file itself), or None."""
+    from .models import ClipNotFoundError, resolve_clip
+
+    if getattr(args, "clip", None) is None:
+        return None
+    try:
+        return resolve_clip(args.clip)
+    except ClipNotFoundError as e:
+        raise SegmentError(str(e)) from None
+
+
 def _run(args) -> int:
     from .prototypes.bank_files import FingerprintMismatchError, load_bank
     from .prototypes.segment import DEFAULT_REFINER, clip_prefilter, make_refiner, save_segmentation, segment_images
@@ -162,6 +194,7 @@ def _run(args) -> int:
     except ValueError as e:
         raise SegmentError(f"--refine: {e}") from None
     classes = parse_classes(args.classes)
+    clip_template = clip_template_of(args)
     max_side = getattr(args, "max_side", None)
     if max_side is not None and max_side < 1:
         raise SegmentError(f"--max-side must be a positive number of pixels, got {max_side}")
@@ -169,11 +202,9 @@ def _run(args) -> int:
     images = read_images(paths)
     bank = load_checked_bank(Path(args.bank))
     check_classes(bank, classes)
-    clip_path = getattr(args, "clip", None)
-    if clip_path is not None and not Path(clip_path).is_file():
-        raise SegmentError(f"CLIP checkpoint not found: {clip_path}")
+    clip_path = clip_weights(args)
 
-    from .models import ModelNotFoundError, load_pipeline
+    from .models import ModelNotFoundError, clip_class_template, load_pipeline
 
     model = str(getattr(args, "model", None) or "shapes-sd")
     try:
@@ -192,9 +223,10 @@ def _run(args) -> int:
         from .prototypes.clip_features import CLIPPatchFeatures
 
         try:
-            prefilter = clip_prefilter(CLIPPatchFeatures(clip_path))
+            clip = CLIPPatchFeatures(clip_path)
         except Exception as e:  # noqa: BLE001 - any unloadable checkpoint is a usage error
             raise SegmentError(f"cannot load CLIP checkpoint {clip_path}: {type(e).__name__}: {e}") from None
+        prefilter = clip_prefilter(clip, clip_template or clip_class_template(clip_path))
 
     from .images import labels_to_size
 

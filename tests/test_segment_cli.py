@@ -208,3 +208,48 @@ def test_cli_refine_choices_are_the_refiners():
     from maskmill.prototypes.segment import DEFAULT_REFINER, REFINERS
 
     assert set(REFINE_CHOICES) == set(REFINERS) and REFINE_CHOICES[0] == DEFAULT_REFINER
+
+
+@pytest.mark.parametrize("template", ["a photo", "a {} and a {}", "a {name}", "a {0}", "a {{}}", "a {"])
+def test_clip_template_refused_in_one_line_before_any_work(template, capsys, tmp_path):
+    """Checked first: the images and the bank do not exist, yet the template is what is named."""
+    argv = ["segment", str(tmp_path / "missing.png"), "--bank", str(tmp_path / "no-bank"), "--classes", "circle",
+            "--clip", "shapes-clip", "--clip-template", template, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --clip-template: template must contain exactly one '{}'") and repr(template) in err
+    assert err.count("\n") == 0 and not (tmp_path / "out").exists()
+
+
+def test_clip_template_without_clip_refused(capsys, tmp_path):
+    argv = ["segment", str(tmp_path / "missing.png"), "--bank", str(tmp_path / "no-bank"), "--classes", "circle",
+            "--clip-template", "a {}"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: --clip-template needs --clip (the CLIP that scores the classes with it)"
+
+
+def test_clip_template_reaches_the_class_scores(setup, tmp_path, monkeypatch):
+    """The embedded micro CLIP hears its own captions ("a circle"), another CLIP CLIP's photo prompt, and
+    --clip-template overrides both."""
+    import shutil
+
+    from maskmill.models import EMBEDDED_CLIPS
+    from maskmill.prototypes.clip_features import CLIPPatchFeatures
+
+    heard = []
+    scores = CLIPPatchFeatures.class_logits
+
+    def recording(self, image, classes, template="(the default)"):
+        heard.append((template, list(classes)))
+        return scores(self, image, classes, template)
+
+    monkeypatch.setattr(CLIPPatchFeatures, "class_logits", recording)
+    other_clip = tmp_path / "other-clip.safetensors"  # the same weights, not the embedded file: a real CLIP's default
+    shutil.copy(EMBEDDED_CLIPS["shapes-clip"] / "model.safetensors", other_clip)
+    for extra, expected in [(["--clip", "shapes-clip"], "a {}"),
+                            (["--clip", "shapes-clip", "--clip-template", "a drawing of a {}"], "a drawing of a {}"),
+                            (["--clip", str(other_clip)], "a photo of a {}.")]:
+        heard.clear()
+        code, _ = segment(setup, *extra, out=tmp_path / "out")
+        assert code == 0
+        assert heard == [(expected, ["circle", "square"])] * len(setup["images"])

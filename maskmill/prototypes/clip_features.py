@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..clip_model import CLIP_MEAN, CLIP_STD, _load_clip_submodule, load_clip_state_dict  # noqa: F401 (re-exported)
+from ..models import CLIP_PHOTO_TEMPLATE
 from .features import FeatureExtractor, _check_images, _resize_uint8
 
 
@@ -86,7 +87,7 @@ class CLIPPatchFeatures(FeatureExtractor):
         return x.permute(0, 2, 1).reshape(b, -1, g, g)
 
     @torch.no_grad()
-    def class_logits(self, image: np.ndarray, classes: list[str], template: str = "a photo of a {}.") -> np.ndarray:
+    def class_logits(self, image: np.ndarray, classes: list[str], template: str = CLIP_PHOTO_TEMPLATE) -> np.ndarray:
         """CLIP logits (K,) of one image against `template.format(class)` for each class."""
         if self._tokenizer is None:
             self._tokenizer = _load_clip_submodule("simple_tokenizer").SimpleTokenizer()

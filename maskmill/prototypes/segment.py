@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..models import CLIP_PHOTO_TEMPLATE
 from .bank import PrototypeBank, drop_confusing_background
 from .features import FeatureExtractor
 
@@ -147,7 +148,7 @@ def make_class_prefilter(logits_fn: ClassLogitsFn, max_classes: int = 10) -> Cla
     return prefilter
 
 
-def clip_prefilter(clip_model, template: str = "a photo of a {}.", max_classes: int = 10) -> ClassPrefilter:
+def clip_prefilter(clip_model, template: str = CLIP_PHOTO_TEMPLATE, max_classes: int = 10) -> ClassPrefilter:
     """The pre-filter scored by a `CLIPPatchFeatures` model (any object with `class_logits`)."""
     return make_class_prefilter(lambda image, classes: clip_model.class_logits(image, classes, template), max_classes)
 

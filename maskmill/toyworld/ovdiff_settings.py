@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import FilterConfig
+from ..models import EMBEDDED_CLIP_TEMPLATE
 from ..prototypes.segment import DEFAULT_REFINER
 
 
@@ -39,7 +40,7 @@ class BenchSettings:
     # OVDiff's CLIP class pre-filter: with a CLIP (name, folder or file), the full method is also
     # reported with it; the template is what the CLIP was trained on ("a circle" for the micro CLIP)
     prefilter_clip: str | None = None
-    prefilter_template: str = "a {}"
+    prefilter_template: str = EMBEDDED_CLIP_TEMPLATE
 
     def resolved(self) -> "BenchSettings":
         from ..prototypes.support import support_defaults
