@@ -1,6 +1,7 @@
 """Atomic file writes: readers see the old file or the whole new one, never half of one.
 
     atomic_write_bytes(path, data)                       # bytes
+    atomic_save_npz(path, {"images": images})            # numpy arrays, as an .npz named exactly `path`
     atomic_write(path, lambda tmp: save_file(t, tmp))    # any writer that takes a path
     write_if_changed(path, data)                         # skip the write (and the mtime bump) if equal
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 TEMP_SUFFIX = ".tmp"
 
@@ -69,6 +70,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], tmp: 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, tmp: str | os.PathLike | None = None) -> Path:
     """Write `data` to `path` atomically (see `atomic_write`)."""
     return atomic_write(path, lambda p: Path(p).write_bytes(data), tmp=tmp)
+
+
+def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, Any], compressed: bool = True) -> Path:
+    """Save `arrays` (name -> array) as an npz at `path` atomically (see `atomic_write`): a run killed
+    mid-write leaves the old cache or none, never a truncated one the next run would load."""
+    import numpy as np
+
+    save = np.savez_compressed if compressed else np.savez
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to it
+            save(f, **arrays)
+
+    return atomic_write(path, write)
 
 
 def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_save_npz
 from ..clipcheck import ClipCheck, region_crop
 from .clip_data import BACKGROUND, background_mask, render_pool
 from .recover import MIN_REGION_PIXELS, classify_shape, recover_masks
@@ -88,7 +89,7 @@ def generated_samples(pipe, n: int, split: str, batch: int = 16, cache: Path | N
         images, masks, seconds = _generate_with_masks(pipe, items, params, batch)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(path, images=np.stack(images), masks=np.stack(masks), generate_seconds=seconds)
+            atomic_save_npz(path, {"images": np.stack(images), "masks": np.stack(masks), "generate_seconds": seconds})
     truth, drawn, clear = [], [], []
     for image, item in zip(images, items):
         recovered, _ = recover_masks(image, list(item.colours))

@@ -38,13 +38,10 @@ class GeneratedRegion:
 
 
 def _save(path: Path, n: int, images: list[np.ndarray], captions: list[str], seconds: float) -> None:
-    import io
+    from ..atomic import atomic_save_npz
 
-    from ..atomic import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, n=n, images=np.stack(images), captions=np.array(captions), generate_seconds=seconds)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_npz(path, {"n": n, "images": np.stack(images), "captions": np.array(captions),
+                           "generate_seconds": seconds})
 
 
 def make_pool(pipe, n: int, out: Path, batch: int = 16, log=print) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write, atomic_write_bytes
+from ..atomic import atomic_save_npz, atomic_write_bytes
 from ..capture import CaptureConfig
 from ..config import ClipCheckConfig, load_config
 from ..extractors import get_extractor
@@ -103,11 +103,7 @@ class Pool:
         arrays = {"images": np.stack(self.images), "misdrawn": np.array(self.misdrawn)}
         for m, v in self.labels.items():
             arrays[f"labels_{m}"] = np.stack(v) if v else np.zeros((0,), np.uint8)
-        def write_npz(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to it
-                np.savez_compressed(f, **arrays)
-
-        atomic_write(self.path, write_npz)
+        atomic_save_npz(self.path, arrays)
         atomic_write_bytes(self.path.with_suffix(".json"), json.dumps(
             {"prompts": self.prompts, "indices": self.indices, "objects": self.objects, "next_index": self.next_index,
              "candidates": self.candidates}).encode())

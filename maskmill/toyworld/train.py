@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_save_npz
 from . import grounding
 from .build import build_models, build_pipeline, clip_tokenizer
 from .render import is_held_out, join_phrases, render, sample_scene
@@ -95,7 +96,7 @@ def load_training_set(scenes: int, seed: int, workers: int, cache: Path | None) 
     print(f"rendering {scenes} scenes with {workers} workers: {why}", flush=True)
     data = render_training_set(scenes, seed, workers)
     if cache is not None:
-        np.savez(cache, **data)
+        atomic_save_npz(cache, data, compressed=False)
     return data
 
 
