@@ -57,24 +57,31 @@ def test_joint_crop_keeps_labels_exact_and_aligned():
             assert (im[0][inside] > 0.5).float().mean() > 0.95 and (im[0][m == 0] < 0.5).float().mean() > 0.95
 
 
-def test_saving_and_loading_the_segmenter_draws_no_transformers_bars(tmp_path, capfd):
+TRANSFORMERS_BARS = ("Writing model shards", "Loading weights")  # transformers 5's save and load bars
+
+
+@pytest.fixture
+def transformers_bars_on():
+    """transformers as in a fresh process (its bars on, whatever earlier tests silenced); restored after."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()  # a fresh process: nothing has silenced transformers yet
-    try:
-        model = build_model(list(SHAPES), SegmenterSize())
-        model.save_pretrained(tmp_path / "raw", safe_serialization=True)  # control: the bar shows when not silenced
-        assert "Writing model shards" in capfd.readouterr().err
-        hf_logging.enable_progress_bar()
-        save_model(model, tmp_path / "model")
-        hf_logging.enable_progress_bar()
-        again = load_model(tmp_path / "model")
-        out, err = capfd.readouterr()
-        assert "Writing model shards" not in out + err and "Loading weights" not in out + err
-        assert again.config.id2label[4] == "star"
-    finally:
-        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+    hf_logging.enable_progress_bar()
+    yield hf_logging.enable_progress_bar
+    (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def test_saving_and_loading_the_segmenter_draws_no_transformers_bars(tmp_path, capfd, transformers_bars_on):
+    model = build_model(list(SHAPES), SegmenterSize())
+    model.save_pretrained(tmp_path / "raw", safe_serialization=True)  # control: the bar shows when not silenced
+    assert TRANSFORMERS_BARS[0] in capfd.readouterr().err
+    transformers_bars_on()
+    save_model(model, tmp_path / "model")
+    transformers_bars_on()  # load_model must silence them by itself
+    again = load_model(tmp_path / "model")
+    printed = "".join(capfd.readouterr())
+    assert not [bar for bar in TRANSFORMERS_BARS if bar in printed], printed
+    assert again.config.id2label[4] == "star"
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +118,15 @@ def test_same_seed_trains_the_same_model(tiny_run, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
-def test_cli_trains_and_evaluates(tiny_run, tmp_path, capsys):
+def test_cli_trains_and_evaluates(tiny_run, tmp_path, capfd, transformers_bars_on):
     assert main(["train-segmenter", "--data", str(tiny_run / "run"), "--out", str(tmp_path / "o"), "--steps", "3",
                  "--batch-size", "4", "--no-progress"]) == 0
+    transformers_bars_on()  # evaluate-segmenter alone, as in its own process
     assert main(["evaluate-segmenter", "--ckpt", str(tmp_path / "o" / "model"), "--data", str(tiny_run / "val"),
                  "--json", str(tmp_path / "r.json")]) == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     assert "mIoU" in out and "star" in out
+    assert not [bar for bar in TRANSFORMERS_BARS if bar in out + err], err  # a quiet console (issue #18)
     assert set(json.loads((tmp_path / "r.json").read_text())["per_class_iou"]) == {"background", *SHAPES}
 
 
