@@ -1,6 +1,6 @@
 """Benchmark the overlap: a direct run (generate + capture + SeeDiff + filter + PNG + tar + parquet)
 against plain generation of the same samples, with generation one batch ahead on its own thread
-(the default) and serial.
+(`overlap: on`, the default on a GPU) and serial (`off`, the default on a CPU).
 
 Run from the repository root:
 
@@ -10,10 +10,10 @@ Run from the repository root:
 One process, the pipeline loaded once (shapes-sd if maskmill/assets/shapes-sd exists), torch on
 one thread: generation runs on one core, extraction, encoding and writing on the other thread
 (the other core). Each round runs, in rotating order: `run_direct` with overlap, `run_direct`
-serial (`produce_shard(overlap=False)`), and plain `generate_plain` of exactly the samples the
-run generated (accepted and rejected, from its manifests), batched as the run batches them.
+serial, and plain `generate_plain` of exactly the samples the run generated (accepted and rejected, from its manifests), batched as the run batches them.
 Printed: wall and CPU seconds (CPU of both threads) per mode, medians, and the ratios
-direct / plain. Target: wall ratio with overlap <= 1.02.
+direct / plain. Target: wall ratio <= 1.02 (the issue asked it of the overlap; on this CPU the
+default, serial, is what a run does).
 
 The machine is shared: the load average is printed before and after each run. With more runnable
 jobs than cores, the second thread competes for a core with other jobs and the wall figures
@@ -22,7 +22,6 @@ measure the load; the per-round ratios (each against the plain run of the same r
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import statistics
@@ -65,11 +64,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging
 
-    import maskmill.run.claim as claim
     from maskmill.config import load_config
     from maskmill.generate import GenerationSettings, generate_plain
     from maskmill.models import load_pipeline
-    from maskmill.produce import produce_shard
     from maskmill.run.direct import run_direct
 
     diffusers_logging.disable_progress_bar()
@@ -79,19 +76,15 @@ def main() -> None:
     pipe = load_pipeline(cfg0.model, cfg0.scheduler, "cpu")
     pipe.set_progress_bar_config(disable=True)
     settings = GenerationSettings(steps=cfg0.steps, guidance=cfg0.guidance, height=cfg0.height, width=cfg0.width)
-    real_produce = claim.produce_shard
     samples: list[list[tuple[str, int]]] | None = None
 
     def direct(overlap: bool, out: Path) -> None:
         nonlocal samples
-        claim.produce_shard = real_produce if overlap else functools.partial(produce_shard, overlap=False)
-        try:
-            import maskmill.run.direct as direct_module
+        import maskmill.run.direct as direct_module
 
-            direct_module.load_pipeline = lambda *a, **k: pipe  # loaded once, outside the timings
-            summary = run_direct(load_config(CONFIG, [*base, f"output={out}"]), CONFIG, progress=False)
-        finally:
-            claim.produce_shard = real_produce
+        direct_module.load_pipeline = lambda *a, **k: pipe  # loaded once, outside the timings
+        overrides = [*base, f"output={out}", f"overlap={'on' if overlap else 'off'}"]
+        summary = run_direct(load_config(CONFIG, overrides), CONFIG, progress=False)
         assert summary["complete"], summary
         samples = samples or generated_samples(out)
 
@@ -133,10 +126,11 @@ def main() -> None:
           f"on {os.cpu_count()} cores):")
     for n in names:
         print(f"  {n:7s}: wall {med[n][0]:7.2f} s (x{med[n][0] / p[0]:.3f}), CPU {med[n][1]:7.2f} s (x{med[n][1] / p[1]:.3f})")
-    ok = med["overlap"][0] / p[0] <= 1.02
-    print(f"  target wall overlap / plain <= 1.02: {'ok' if ok else 'MISSED'}"
-          + ("" if max(b for _, b in loads) < os.cpu_count() else
-             " (machine loaded beyond its cores: the wall figures measure the load as much as the code)"))
+    for n in ("overlap", "serial"):
+        print(f"  target wall {n} / plain <= 1.02: {'ok' if med[n][0] / p[0] <= 1.02 else 'MISSED'}"
+              + ("" if n == "overlap" else " (serial: what overlap auto runs on a CPU)"))
+    print("  " + ("" if max(b for _, b in loads) < os.cpu_count() else
+             "(machine loaded beyond its cores: the wall figures measure the load as much as the code)"))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

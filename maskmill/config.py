@@ -82,6 +82,10 @@ class RunConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     shard_size: PositiveInt = 256
     image_format: Literal["png", "jpg"] = "png"
+    # Generate the next batch on a thread of its own while this one is extracted and written
+    # (same bytes either way). auto: on when the pipeline runs on a GPU; on a CPU both threads share
+    # the cores (and Python's lock), and serial is faster (benchmarks/bench_overlap.py).
+    overlap: Literal["auto", "on", "off"] = "auto"
     output: str = "outputs/run"
     # The images are the generating model's output, so its licence binds them: the dataset card's
     # `license` (a Hugging Face licence id, e.g. creativeml-openrail-m for SD 1.5; "other" if none fits).
@@ -128,8 +132,9 @@ class RunConfig(_Strict):
         return self.images_per_class * len(self.classes)
 
     def fingerprint(self) -> str:
-        """Identity of what a run produces: everything but the output folder, the batch size and the licence."""
-        d = self.model_dump(exclude={"output", "batch_size", "license"})
+        """Identity of what a run produces: everything but the output folder, the batch size, the licence
+        and the overlap (none of them changes a byte of a shard)."""
+        d = self.model_dump(exclude={"output", "batch_size", "license", "overlap"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

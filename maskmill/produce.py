@@ -7,9 +7,9 @@ masks and judges each with the run's filter rules until enough are accepted. Two
 masks). No Prefect here: `tasks/` wraps `produce_shard`. The pipeline is passed in (loaded
 once per worker process); everything else follows from the config and the shard id.
 
-Generation runs one batch ahead on a thread of its own (`batch_feed`): while batch k is
-extracted, judged, encoded and written, batch k+1 is generated, so a GPU does not idle on the
-CPU side. The batches and the output bytes are those of the serial loop (`overlap=False`).
+On a GPU, generation runs one batch ahead on a thread of its own (`batch_feed`): while batch k
+is extracted, judged, encoded and written, batch k+1 is generated, so the GPU does not idle on
+the CPU side. The batches and the output bytes are those of the serial loop (`overlap_for`).
 """
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ class Judged(Generic[C]):
     @property
     def accepted(self) -> bool:
         return not self.reason
+
+
+def overlap_for(pipe, setting: str = "auto") -> bool:
+    """Generate one batch ahead? "on"/"off" as said; "auto": only when the pipeline is on an accelerator.
+
+    On a CPU the generating thread and the consumer share the cores and the interpreter lock: the
+    overlap then costs more than it hides (bench_overlap.py: x1.065 against x1.003 serial)."""
+    if setting != "auto":
+        return setting == "on"
+    device = getattr(pipe, "device", None)
+    return device is not None and device.type != "cpu"
 
 
 def settings_of(cfg: RunConfig) -> GenerationSettings:
@@ -125,7 +136,7 @@ class GeneratedBatch(Generic[C]):
 
 def judged_samples(pipe, extractor: Extractor, candidates: Iterable[C], need: int, settings: GenerationSettings,
                    rules: FilterConfig, batch_size: int, generation_gate: GenerationGate | None = None,
-                   require_mask: bool = False, overlap: bool = True,
+                   require_mask: bool = False, overlap: bool | None = None,
                    clock: StageClock | None = None, prompt_classes: list[str] | None = None) -> Iterator[Judged[C]]:
     """Judged candidates, in order, until `need` are accepted or the candidates run out.
 
@@ -135,11 +146,13 @@ def judged_samples(pipe, extractor: Extractor, candidates: Iterable[C], need: in
 
     overlap: generate the next batch on a thread of its own while this one is extracted, judged
     and consumed (written) by the caller (batch_feed.BatchFeed: the same batches as without, at
-    most two batches of maps in memory). `clock` gets the generation and extraction seconds.
+    most two batches of maps in memory); None: `overlap_for(pipe)`. `clock` gets the generation
+    and extraction seconds.
     With `rules.clip` set, each batch's accepted samples also pass the CLIP check (`clip_judged`);
     `prompt_classes` are the texts their regions are scored against (default: the batch's classes).
     """
     gate = generation_gate or contextlib.nullcontext
+    overlap = overlap_for(pipe) if overlap is None else overlap
     capture = capture_config_for(extractor, pipe, settings.height, settings.width)
     candidates = iter(candidates)
     clock = clock or StageClock()
@@ -207,7 +220,7 @@ def clip_judged(clip, verdicts: list[Judged[C]], prompt_classes: list[str] | Non
 
 
 def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor: Extractor,
-                  progress=None, generation_gate: GenerationGate | None = None, overlap: bool = True,
+                  progress=None, generation_gate: GenerationGate | None = None, overlap: bool | None = None,
                   clock: StageClock | None = None) -> Iterator[SampleRecord]:
     """Records of one shard, accepted and rejected, until its quota of accepted samples is met."""
     ids = plan.class_ids()
@@ -231,12 +244,16 @@ def shard_records(cfg: RunConfig, plan: RunPlan, shard_id: int, pipe, extractor:
 
 
 def produce_shard(cfg: RunConfig, shard_id: int, pipe, run_dir, extractor: Extractor | None = None,
-                  progress=None, generation_gate: GenerationGate | None = None, overlap: bool = True) -> ShardStats:
+                  progress=None, generation_gate: GenerationGate | None = None,
+                  overlap: bool | None = None) -> ShardStats:
     """Generate, extract, filter and write shard `shard_id`; returns its stats (written last).
 
     overlap: the next batch is generated while this one is extracted, encoded and written (same
-    bytes as without; see judged_samples). The stats' `time_split` says where the time went.
+    bytes as without; see judged_samples); None: the config's `overlap` ("auto": on a GPU only).
+    The stats' `time_split` says where the time went.
     """
+    if overlap is None:
+        overlap = overlap_for(pipe, cfg.overlap)
     clock = StageClock()
     plan = RunPlan(cfg)
     extractor = extractor or get_extractor(cfg.extractor.name, **cfg.extractor.params)

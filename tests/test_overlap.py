@@ -73,7 +73,8 @@ def test_the_generator_runs_ahead_by_one_batch_and_no_further(sd1_pipe, monkeypa
     real = produce.generate_with_attention
     monkeypatch.setattr(produce, "generate_with_attention",
                         lambda pipe, prompts, *a, **k: (calls.append(len(prompts)), real(pipe, prompts, *a, **k))[1])
-    loop = produce.judged_samples(sd1_pipe, get_extractor("seediff"), shapes(8), 8, SETTINGS, KEEP_ALL, batch_size=2)
+    loop = produce.judged_samples(sd1_pipe, get_extractor("seediff"), shapes(8), 8, SETTINGS, KEEP_ALL, batch_size=2,
+                                  overlap=True)
     next(loop)  # holding batch 1: batch 2 is generated meanwhile
     deadline = time.monotonic() + 60
     while len(calls) < 2 and time.monotonic() < deadline:
@@ -97,14 +98,16 @@ def test_a_generation_error_reaches_the_consumer_and_stops_the_thread(sd1_pipe, 
         return real(pipe, prompts, *a, **k)
 
     monkeypatch.setattr(produce, "generate_with_attention", failing)
-    loop = produce.judged_samples(sd1_pipe, get_extractor("seediff"), shapes(8), 8, SETTINGS, KEEP_ALL, batch_size=2)
+    loop = produce.judged_samples(sd1_pipe, get_extractor("seediff"), shapes(8), 8, SETTINGS, KEEP_ALL, batch_size=2,
+                                  overlap=True)
     with pytest.raises(RuntimeError, match="out of memory"):
         list(loop)
     assert not generating_threads()
 
 
 def test_a_consumer_that_stops_early_stops_the_generator(sd1_pipe):
-    loop = produce.judged_samples(sd1_pipe, get_extractor("seediff"), shapes(8), 8, SETTINGS, KEEP_ALL, batch_size=2)
+    loop = produce.judged_samples(sd1_pipe, get_extractor("seediff"), shapes(8), 8, SETTINGS, KEEP_ALL, batch_size=2,
+                                  overlap=True)
     next(loop)
     loop.close()  # e.g. the shard writer raised on a bad record
     assert not generating_threads()
@@ -127,3 +130,28 @@ def test_the_time_split_adds_up_to_the_shard_wall_time(tiny_run, tmp_path, overl
     assert (split["overlapped"] > 0) == overlap
     written = Path(tmp_path, "stats", "00001_stats.json").read_text()
     assert '"time_split"' in written
+
+
+class _OnDevice:
+    def __init__(self, kind: str):
+        import torch
+
+        self.device = torch.device(kind)
+
+
+@pytest.mark.parametrize("setting, kind, ahead", [("auto", "cpu", False), ("auto", "cuda", True), ("auto", "mps", True),
+                                                  ("on", "cpu", True), ("off", "cuda", False)])
+def test_overlap_auto_runs_ahead_only_on_an_accelerator(setting, kind, ahead):
+    assert produce.overlap_for(_OnDevice(kind), setting) is ahead
+
+
+def test_a_run_on_the_cpu_is_serial_unless_its_config_says_on(tiny_run, tmp_path):
+    """The config's `overlap` reaches the shard (auto on a CPU: serial), and it is not part of the
+    run's identity: a run folder made with one setting resumes with another."""
+    cfg, pipe = tiny_run
+    auto = produce.produce_shard(cfg, 0, pipe, tmp_path / "auto")
+    on = produce.produce_shard(cfg.model_copy(update={"overlap": "on"}), 0, pipe, tmp_path / "on")
+    assert auto.time_split["overlapped"] == 0 and on.time_split["overlapped"] > 0
+    assert cfg.model_copy(update={"overlap": "on"}).fingerprint() == cfg.fingerprint()
+    with pytest.raises(ValueError, match="overlap"):
+        cfg.model_validate({**cfg.model_dump(), "overlap": "sometimes"})
