@@ -18,9 +18,14 @@ def write(tmp_path: Path, data: dict) -> Path:
 
 
 def test_shipped_configs_parse_without_files():
+    from maskmill.extractors import get_extractor
+
     for path in Path("configs").glob("*.yaml"):
         cfg = load_config(path, check_files=False)
         assert cfg.total_samples > 0
+        get_extractor(cfg.extractor.name, **cfg.extractor.params)  # its parameters build the extractor
+    sd15 = load_config("configs/sd15-photo.yaml", check_files=False)  # the 512-px config records less (README)
+    assert get_extractor(sd15.extractor.name, **sd15.extractor.params).refine_steps == (0.7, 1.0)
 
 
 @pytest.mark.parametrize("change, key, words", [
