@@ -252,6 +252,8 @@ def main() -> None:
     p.add_argument("--model", default="auto", choices=["auto", "shapes-sd", "tiny"])
     p.add_argument("--memory-samples", type=lambda s: [int(x) for x in s.split(",")], default=[256, 2048])
     p.add_argument("--memory-mode", choices=["flow", "direct"], default="flow")
+    p.add_argument("--memory-overlap", choices=["on", "off", "auto"], default="on",
+                   help="the runs' `overlap` in part 2 (default on: two batches of maps in flight, the worst case)")
     p.add_argument("--config", default=str(REPO / "configs" / "shapes.yaml"), help=argparse.SUPPRESS)
     p.add_argument("--keep", action="store_true", help="keep the work folder (runs, shards) at the end")
     p.add_argument("--skip-overhead", action="store_true")
@@ -294,9 +296,9 @@ def main() -> None:
               f"({100 * (o['flow_cpu_s'] + o['server_cpu_flow_s'] - o['direct_cpu_s']) / o['direct_cpu_s']:+.2f} %)",
               flush=True)
     if not args.skip_memory:
-        print(f"\n2. memory vs sample count ({args.memory_mode}, fresh subprocesses, 1 step, batch 32, "
-              f"shards of 128)", flush=True)
-        m = run_memory(args, model, extra, tmp)
+        print(f"\n2. memory vs sample count ({args.memory_mode}, overlap {args.memory_overlap}, fresh subprocesses, "
+              f"1 step, batch 32, shards of 128)", flush=True)
+        m = run_memory(args, model, [*extra, f"overlap={args.memory_overlap}"], tmp)
         report["memory"] = m
         if len(m) >= 2:
             a, b = m[0], m[-1]
