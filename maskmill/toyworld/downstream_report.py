@@ -93,9 +93,9 @@ def markdown(results: dict, methods: list[str]) -> str:
                       + f" ({pool['clip_rejected_total']} in all, {pool['clip_rejected_misdrawn']} of them mis-drawn; "
                       f"{pool['misdrawn_total']} mis-drawn in all)."]
         if "clip_ignored" in pool:
-            lines += ["With `action: ignore` the same check keeps every sample and sets to 255 " + ", ".join(
+            lines += ["With `action: ignore` the same check keeps every sample and sets to 255 " + "; ".join(
                 _ignored_text(v, f"the first {k}") for k, v in pool["clip_ignored"].items())
-                + f" ({_ignored_text(pool['clip_ignored_total'], 'all')})."]
+                + f"; {_ignored_text(pool['clip_ignored_total'], 'all')}."]
         lines.append("")
     for test in TEST_SETS:
         lines += [f"## {test} test scenes: mIoU", "", "| training labels | " + " | ".join(f"N={n}" for n in sizes)
@@ -131,8 +131,8 @@ def markdown(results: dict, methods: list[str]) -> str:
 
 
 def _ignored_text(share: dict, which: str) -> str:
-    return (f"{share['classes']} of the {share['of_classes']} prompted classes of {which} ({share['samples']} "
-            f"samples, {share['samples_misdrawn']} of them mis-drawn; {share['class_pixel_share']:.1%} of SeeDiff's "
+    return (f"{share['classes']} of the {share['of_classes']} prompted classes of {which} (in {share['samples']} "
+            f"samples, {share['samples_misdrawn']} of them mis-drawn: {share['class_pixel_share']:.1%} of SeeDiff's "
             f"class pixels, {share['pixel_share']:.1%} of all pixels)")
 
 
