@@ -101,3 +101,50 @@ def test_report_keeps_the_hand_written_tail_of_the_table(tmp_path):
     write_report({"runs": runs + [_run("oracle", 32, 1, 0.6, 0.4)], "settings": cfg.model_dump(mode="json")}, cfg)
     text = cfg.table.read_text()
     assert "| oracle | 0.700 ± 0.141 (2) |" in text and text.endswith(tail) and text.count(KEEP_BELOW) == 1
+
+
+def test_seediff_clip_ignore_sets_a_mismatched_class_to_ignore_and_keeps_the_rest(tmp_path):
+    from maskmill.toyworld.bench_downstream import labelling, pool_summary
+    from maskmill.toyworld.downstream_pool import clip_verdicts
+
+    clip = DownstreamConfig().clip
+    pool = _hand_made_pool(tmp_path / "pool.npz", [[None] * 3] * 6)
+    wrong = next(s for s in ("circle", "star", "square", "triangle") if s not in [o[1] for o in pool.objects[2]])
+    bad = _hand_made_pool(tmp_path / "pool.npz", [[None] * 3, [None] * 3, [wrong, None, None]] + [[None] * 3] * 3)
+    images, masks = labelling(bad, "seediff_clip_ignore", 5, clip)
+    assert np.array_equal(images, np.stack(bad.images[:5]))  # the first N images, none skipped (seediff's)
+    for i in (0, 1, 3, 4):  # labelled right: untouched
+        assert np.array_equal(masks[i], bad.labels["seediff"][i])
+    before, wrong_id = bad.labels["seediff"][2], SHAPES.index(wrong) + 1
+    assert (before == wrong_id).sum() > 0
+    assert np.all(masks[2][before == wrong_id] == 255)  # the mismatched class is ignored...
+    assert np.array_equal(masks[2][before != wrong_id], before[before != wrong_id])  # ...and nothing else changes
+    assert labelling(bad, "seediff_clip_ignore", 7, clip) is None  # the pool holds 6
+
+    # the same check under its two actions: the verdicts are cached apart, the reject one keeps its labels
+    rejecting = clip_verdicts(bad, clip)
+    assert [v.keep for v in rejecting] == [True, True, False, True, True, True]
+    assert rejecting[2].flagged == (wrong,) and np.array_equal(rejecting[2].labels, before)
+    summ = pool_summary(bad, clip, clip.model_copy(update={"action": "ignore"}))
+    share = summ["clip_ignored_total"]
+    n_objects = sum(len(o) for o in bad.objects)
+    assert (share["classes"], share["of_classes"], share["samples"], share["samples_misdrawn"]) == (1, n_objects, 1, 1)
+    assert share["pixel_share"] == pytest.approx((before == wrong_id).sum() / (6 * before.size))
+    assert summ["clip_rejected_total"] == 1
+
+
+def test_a_run_of_some_labellings_adds_to_the_results_file_without_dropping_rows(tmp_path):
+    from maskmill.toyworld.bench_downstream import merged_settings
+    from maskmill.toyworld.downstream_report import write_report
+
+    full = DownstreamConfig(results=tmp_path / "r.json", table=tmp_path / "t.md", methods=["oracle", "seediff"],
+                            sizes=[32, 128], big_sizes=[512])
+    subset = full.model_copy(update={"methods": ["seediff_clip_ignore"], "sizes": [128], "big_sizes": []})
+    settings = merged_settings(full.model_dump(mode="json"), subset)
+    assert settings["methods"] == ["oracle", "seediff", "seediff_clip_ignore"]
+    assert settings["sizes"] == [32, 128] and settings["big_sizes"] == [512]
+    runs = [_run("oracle", 128, 0, 0.9, 0.4), _run("seediff", 128, 0, 0.8, 0.3),
+            _run("seediff_clip_ignore", 128, 0, 0.85, 0.35)]
+    write_report({"runs": runs, "settings": settings}, subset)  # even given only the subset, every row stays
+    text = subset.table.read_text()
+    assert "| oracle | 0.900" in text and "| seediff | 0.800" in text and "| seediff_clip_ignore | 0.850" in text

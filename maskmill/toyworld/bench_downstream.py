@@ -31,10 +31,14 @@ from ..shards import RunLayout, SampleRecord, build_meta, sample_key, write_shar
 from .render import SHAPES, render
 from .testset import class_labels, oracle_scene, rendered_scenes, split_rng, write_labelled_folder
 
-ORACLE, CEILING, CLEAN, CLIPPED = "oracle", "ceiling", "ceiling_clean", "seediff_clip"
-ALL_METHODS = (ORACLE, CEILING, "seediff", CLIPPED, "cross", "propagated", "cross_x_propagated", "diffseg", "diffcut")
+ORACLE, CEILING, CLEAN = "oracle", "ceiling", "ceiling_clean"
+CLIPPED, CLIP_IGNORED = "seediff_clip", "seediff_clip_ignore"  # the CLIP check's two actions
+ALL_METHODS = (ORACLE, CEILING, "seediff", CLIPPED, CLIP_IGNORED, "cross", "propagated", "cross_x_propagated",
+               "diffseg", "diffcut")
 # the pool's own labellings (every accepted sample has them); the others label a prefix of the pool
-POOL_WIDE = (ORACLE, CEILING, CLEAN, "seediff", CLIPPED)
+POOL_WIDE = (ORACLE, CEILING, CLEAN, "seediff", CLIPPED, CLIP_IGNORED)
+# the grid's lists: a run of a subset of them adds to a results file, the file's record keeps the union
+GRID_KEYS = ("methods", "sizes", "big_sizes", "clean_sizes")
 # results of other values of these cannot share a results file
 SETTING_KEYS = {"split", "steps", "lr", "batch_size", "n_test", "size", "crop_scale", "clip"}
 TRAIN_DEFAULTS = {k: f.default for k, f in TrainConfig.model_fields.items()}
@@ -62,7 +66,8 @@ class DownstreamConfig(BaseModel):
     lr: float = Field(TRAIN_DEFAULTS["lr"], gt=0)
     batch_size: int = Field(TRAIN_DEFAULTS["batch_size"], gt=0)
     crop_scale: tuple[float, float] = TRAIN_DEFAULTS["crop_scale"]
-    # seediff_clip: SeeDiff samples that pass the CLIP check as a run's filter.clip would apply it (README)
+    # seediff_clip: SeeDiff samples that pass the CLIP check as a run's filter.clip would apply it (README);
+    # seediff_clip_ignore: the same check with action "ignore" (every sample kept, flagged classes 255)
     clip: ClipCheckConfig = ClipCheckConfig(model="shapes-clip", min_margin=0.05, action="reject")
     jobs: int = Field(2, gt=0)  # trainings in parallel, one torch thread each
     grow: bool = True  # False: another process grows the pool; wait for it
@@ -112,13 +117,25 @@ def oracle_data(objects: list[list[tuple[str, str]]]) -> tuple[np.ndarray, np.nd
     return np.stack(images), np.stack(masks)
 
 
+def ignoring(clip: ClipCheckConfig) -> ClipCheckConfig:
+    """The check `clip` with action "ignore": what seediff_clip_ignore applies."""
+    return clip.model_copy(update={"action": "ignore"})
+
+
 def labelling(pool, method: str, n: int, clip: ClipCheckConfig | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """The first n training pairs of a method, or None when the pool cannot supply them.
 
     ceiling_clean and seediff_clip skip samples (mis-drawn ones; those the CLIP check `clip`
-    rejects) and take the first n of the rest."""
+    rejects) and take the first n of the rest; seediff_clip_ignore keeps the first n SeeDiff
+    samples with the classes that check flags set to 255 (its action "ignore")."""
     if method == ORACLE:
         return oracle_data(pool.objects[:n]) if len(pool) >= n else None
+    if method == CLIP_IGNORED:
+        from .downstream_pool import clip_verdicts
+
+        if len(pool) < n:
+            return None
+        return np.stack(pool.images[:n]), np.stack([v.labels for v in clip_verdicts(pool, ignoring(clip))[:n]])
     if method in (CLEAN, CLIPPED):
         if method == CLEAN:
             source, keep = CEILING, [i for i in range(len(pool)) if not pool.misdrawn[i]][:n]
@@ -178,7 +195,9 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
         raise ValueError(f"{cfg.results} holds results of other settings; choose another --results path")
     done = {_key(r) for r in results.get("runs", [])}
     wall_before = results.get("wall_seconds", 0.0)  # a resumed benchmark adds up its sessions
-    results.update(settings=cfg.model_dump(mode="json"), runs=results.get("runs", []))
+    results.update(settings=merged_settings(results.get("settings", {}), cfg), runs=results.get("runs", []))
+    # the table lists every labelling of the file, not only the ones of this run
+    report_cfg = cfg.model_copy(update={"methods": results["settings"]["methods"]})
     pool_path = work / "pool.npz"
     pool = Pool(pool_path)
     cells = cfg.cells()
@@ -222,18 +241,33 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
             for fut in as_completed([ex.submit(_train_and_score, j) for j in jobs]):
                 r = fut.result()
                 results["runs"].append(r)
-                results["pool"] = pool_summary(pool, cfg.clip if CLIPPED in cfg.methods else None)
+                results["pool"] = pool_summary(pool, *clip_checks_of(results["settings"]["methods"], cfg.clip))
                 results["wall_seconds"] = round(time.time() - t_start + wall_before, 1)
-                write_report(results, cfg)
+                write_report(results, report_cfg)
                 log(f"{r['method']:20s} N={r['n']:5d} seed {r['seed']}: plain {r['plain']['miou']:.3f} "
                     f"hard {r['hard']['miou']:.3f} ({r['seconds']:.0f} s)")
     results["wall_seconds"] = round(time.time() - t_start + wall_before, 1)
-    write_report(results, cfg)
+    write_report(results, report_cfg)
     return results
 
 
-def pool_summary(pool, clip: ClipCheckConfig | None = None) -> dict:
-    """How the generated images were made, how many are mis-drawn (and rejected by the CLIP check), per prefix size."""
+def merged_settings(previous: dict, cfg: DownstreamConfig) -> dict:
+    """cfg's settings, its grid lists joined with those of the results file it adds to."""
+    out = cfg.model_dump(mode="json")
+    for key in GRID_KEYS:
+        joined = {*previous.get(key, []), *out[key]}
+        out[key] = [m for m in ALL_METHODS if m in joined] if key == "methods" else sorted(joined)
+    return out
+
+
+def clip_checks_of(methods: list[str], clip: ClipCheckConfig) -> tuple[ClipCheckConfig | None, ClipCheckConfig | None]:
+    """The rejecting and the ignoring check the pool summary reports on (None: no such labelling)."""
+    return clip if CLIPPED in methods else None, ignoring(clip) if CLIP_IGNORED in methods else None
+
+
+def pool_summary(pool, clip: ClipCheckConfig | None = None, clip_ignore: ClipCheckConfig | None = None) -> dict:
+    """How the generated images were made, how many are mis-drawn, per prefix size; with `clip`, how
+    many that check rejects; with `clip_ignore`, how many classes and pixels that check sets to 255."""
     mis = np.array(pool.misdrawn)
     sizes = [n for n in (32, 128, 512, 2000) if n <= len(pool)]
     out = {"accepted": len(pool), "generated": pool.candidates, "misdrawn": {str(n): int(mis[:n].sum()) for n in sizes},
@@ -245,4 +279,22 @@ def pool_summary(pool, clip: ClipCheckConfig | None = None) -> dict:
         out["clip_rejected"] = {str(n): int(rejected[:n].sum()) for n in sizes}
         out["clip_rejected_total"] = int(rejected.sum())
         out["clip_rejected_misdrawn"] = int((rejected & mis).sum())
+    if clip_ignore is not None:
+        out["clip_ignored"] = {str(n): ignored_share(pool, clip_ignore, n) for n in sizes}
+        out["clip_ignored_total"] = ignored_share(pool, clip_ignore, len(pool))
     return out
+
+
+def ignored_share(pool, clip_ignore: ClipCheckConfig, n: int) -> dict:
+    """What the ignoring check does to the first n samples: classes flagged (of all prompted ones),
+    samples touched, and pixels turned to 255 (of all pixels, of SeeDiff's class pixels)."""
+    from .downstream_pool import PRODUCT, clip_verdicts
+
+    verdicts = clip_verdicts(pool, clip_ignore)[:n]
+    before, after = np.stack(pool.labels[PRODUCT][:n]), np.stack([v.labels for v in verdicts])
+    turned = (after == 255) & (before != 255)
+    classes = (before > 0) & (before < 255)
+    return {"classes": sum(len(v.flagged) for v in verdicts), "of_classes": sum(len(o) for o in pool.objects[:n]),
+            "samples": sum(1 for v in verdicts if v.flagged), "samples_misdrawn":
+                sum(1 for v, m in zip(verdicts, pool.misdrawn[:n]) if v.flagged and m),
+            "pixel_share": float(turned.mean()), "class_pixel_share": float(turned.sum() / max(1, classes.sum()))}

@@ -9,8 +9,8 @@ that config accepts. Each pooled sample carries, as run class ids (0 background,
 - the other extractors' masks, for the first `n_all_methods` samples only (they need other
   capture windows, so those images are generated again: capture never changes an image);
 and `misdrawn`: some prompted object is drawn as another shape (or not at all), which the
-colour-recovered truth cannot see. `clip_kept` says which samples a run's CLIP check
-(`filter.clip`) would let through.
+colour-recovered truth cannot see. `clip_verdicts` says what a run's CLIP check (`filter.clip`)
+makes of each sample: kept or rejected, and its labels as the check's action leaves them.
 
 The pool is saved after every batch (pool.npz) and extended on the next call, so a long
 benchmark can grow it step by step.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,8 @@ class Pool:
         self.indices: list[int] = []  # each sample's candidate index in the plan
         self.next_index = 0  # next candidate index of the plan
         self.candidates = 0  # generated (accepted + rejected)
-        self.clip_verdicts: dict[ClipCheckConfig, list[bool]] = {}  # clip_kept's, per check config
+        # clip_verdicts', per check config (its action included); in memory only: 2 ms a sample
+        self.clip_verdicts: dict[ClipCheckConfig, list[ClipVerdict]] = {}
         if self.path.exists():
             self._load()
 
@@ -109,9 +111,19 @@ class Pool:
              "candidates": self.candidates}).encode())
 
 
-def clip_kept(pool: Pool, config: ClipCheckConfig) -> list[bool]:
-    """Per pooled sample: does its SeeDiff mask pass the CLIP check `config`, as a run's filter.clip
-    judges it (every prompted class's region scored against the run's classes)? Cached on the pool."""
+@dataclass(frozen=True)
+class ClipVerdict:
+    """A pooled sample under a CLIP check: kept or rejected, the classes it flagged, and its SeeDiff
+    labels (run ids) as the check's action leaves them (flagged classes at 255 under "ignore")."""
+
+    keep: bool
+    flagged: tuple[str, ...]
+    labels: np.ndarray
+
+
+def clip_verdicts(pool: Pool, config: ClipCheckConfig) -> list[ClipVerdict]:
+    """Per pooled sample: what the CLIP check `config` makes of its SeeDiff mask, as a run's filter.clip
+    judges it (every prompted class's region scored against the run's classes). Cached on the pool."""
     done = pool.clip_verdicts.setdefault(config, [])
     todo = range(len(done), len(pool))
     if todo:
@@ -119,8 +131,16 @@ def clip_kept(pool: Pool, config: ClipCheckConfig) -> list[bool]:
         # the pool holds run ids (1 + SHAPES index); the check reads 1..K in the prompt's class order
         local = [_prompt_ids(pool.labels[PRODUCT][i], n) for i, n in zip(todo, names)]
         decisions = clip_check_for(config).check([pool.images[i] for i in todo], local, names, list(SHAPES))
-        done += [d.keep for d in decisions]
+        for i, d in zip(todo, decisions):
+            # the check's 255s (its "ignore" action) laid over the run ids it was given
+            labels = np.where(d.labels == 255, 255, pool.labels[PRODUCT][i]).astype(np.uint8)
+            done.append(ClipVerdict(d.keep, tuple(d.flagged), labels))
     return done
+
+
+def clip_kept(pool: Pool, config: ClipCheckConfig) -> list[bool]:
+    """Per pooled sample: does it pass the CLIP check `config`?"""
+    return [v.keep for v in clip_verdicts(pool, config)]
 
 
 def _prompt_ids(run_labels: np.ndarray, names: list[str]) -> np.ndarray:

@@ -59,7 +59,8 @@ def markdown(results: dict, methods: list[str]) -> str:
     s = results.get("settings", {})
     summ = summary(results)
     sizes = sorted({r["n"] for r in results.get("runs", [])})
-    order = [m for m in [*methods, "ceiling_clean"] if any(m in summ[t] for t in TEST_SETS)]
+    ran = [r["method"] for r in results.get("runs", [])]  # a labelling run but not listed still gets its row
+    order = [m for m in dict.fromkeys([*methods, "ceiling_clean", *ran]) if any(m in summ[t] for t in TEST_SETS)]
     lines = ["# Data that trains: segmenters trained on each labelling of the same generated images", "",
              "Made by `maskmill toyworld bench-downstream` (`maskmill/toyworld/bench_downstream.py`). Generated "
              "images follow the shapes-world run's plan (configs/shapes.yaml: prompts, seeds, SeeDiff and its "
@@ -72,6 +73,8 @@ def markdown(results: dict, methods: list[str]) -> str:
              "**ceiling_clean** = the same without samples whose drawn shape is not the prompted one; **seediff** = "
              "the product (shapes config); **seediff_clip** = SeeDiff samples that pass the CLIP check "
              "(`filter.clip` with the micro CLIP: those it rejects are dropped and the next ones taken, same N); "
+             "**seediff_clip_ignore** = the first N SeeDiff samples (the images of seediff) after the same check "
+             "with `action: ignore` (the classes it flags set to 255, ignored in training); "
              "**cross** = raw cross-attention threshold (DAAM / DiffuMask style); "
              "**propagated** = self-attention-propagated map; **cross_x_propagated** = SA^k @ CA times cross "
              "(Dataset Diffusion style); **diffseg**, **diffcut** = the other extractors, default parameters.", "",
@@ -89,6 +92,10 @@ def markdown(results: dict, methods: list[str]) -> str:
                                                            pool["clip_rejected"].items())
                       + f" ({pool['clip_rejected_total']} in all, {pool['clip_rejected_misdrawn']} of them mis-drawn; "
                       f"{pool['misdrawn_total']} mis-drawn in all)."]
+        if "clip_ignored" in pool:
+            lines += ["With `action: ignore` the same check keeps every sample and sets to 255 " + "; ".join(
+                _ignored_text(v, f"the first {k}") for k, v in pool["clip_ignored"].items())
+                + f"; {_ignored_text(pool['clip_ignored_total'], 'all')}."]
         lines.append("")
     for test in TEST_SETS:
         lines += [f"## {test} test scenes: mIoU", "", "| training labels | " + " | ".join(f"N={n}" for n in sizes)
@@ -121,6 +128,12 @@ def markdown(results: dict, methods: list[str]) -> str:
         lines += [f"Wall time of the trainings and scoring (pool generation not included): "
                   f"{results['wall_seconds'] / 60:.1f} min on the shared 2-core CPU.", ""]
     return "\n".join(lines)
+
+
+def _ignored_text(share: dict, which: str) -> str:
+    return (f"{share['classes']} of the {share['of_classes']} prompted classes of {which} (in {share['samples']} "
+            f"samples, {share['samples_misdrawn']} of them mis-drawn: {share['class_pixel_share']:.1%} of SeeDiff's "
+            f"class pixels, {share['pixel_share']:.1%} of all pixels)")
 
 
 def _size_text(size: dict | None) -> str:
