@@ -148,3 +148,22 @@ def test_a_run_of_some_labellings_adds_to_the_results_file_without_dropping_rows
     write_report({"runs": runs, "settings": settings}, subset)  # even given only the subset, every row stays
     text = subset.table.read_text()
     assert "| oracle | 0.900" in text and "| seediff | 0.800" in text and "| seediff_clip_ignore | 0.850" in text
+
+
+def test_the_pool_grows_from_the_shapes_runs_plan_and_reloads(tmp_path):
+    """grow_pool generates the shapes config's candidates in order, labels the first ones with every
+    method (generating them again: same images) and saves a pool that reloads unchanged."""
+    from maskmill.models import load_pipeline
+    from maskmill.toyworld.downstream_pool import OTHER_METHODS, Pool, grow_pool
+
+    pipe = load_pipeline("shapes-sd", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    pool = grow_pool(pipe, Pool(tmp_path / "pool.npz"), 2, 1, batch=2, log=lambda *_: None)
+    assert len(pool) >= 2 and pool.n_labelled("cross") >= 1
+    again = Pool(tmp_path / "pool.npz")
+    assert len(again) == len(pool) and again.indices == pool.indices
+    assert all(np.array_equal(a, b) for a, b in zip(again.images, pool.images))
+    for method in ("seediff", "ceiling", *OTHER_METHODS):
+        labels = again.labels[method][0]
+        assert labels.shape == again.images[0].shape[:2] and labels.dtype == np.uint8
+    assert set(np.unique(again.labels["seediff"][0])) - {0, 255} <= {SHAPES.index(s) + 1 for s in SHAPES}

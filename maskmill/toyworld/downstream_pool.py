@@ -158,10 +158,10 @@ def grow_pool(pipe, pool: Pool, n: int, n_all_methods: int, batch: int = 16, log
     settings = settings_of(cfg)
     product = get_extractor(cfg.extractor.name, **cfg.extractor.params)
     others = {m: get_extractor(m) for m in OTHER_METHODS}
-    product_capture = capture_config_for(product, pipe, cfg)
+    product_capture = capture_config_for(product, pipe, cfg.height, cfg.width)
     windows: dict[tuple, CaptureConfig] = {}
     for m, ex in others.items():  # one generation per capture window, as bench-masks does
-        c = capture_config_for(ex, pipe, cfg) if callable(getattr(ex, "capture_config", None)) else CaptureConfig()
+        c = capture_config_for(ex, pipe, cfg.height, cfg.width)
         w = windows.setdefault(c.steps, CaptureConfig(steps=c.steps))
         w.feature_modules.update(c.feature_modules)
     while len(pool) < n or pool.n_labelled("cross") < min(n_all_methods, len(pool)):
@@ -170,7 +170,7 @@ def grow_pool(pipe, pool: Pool, n: int, n_all_methods: int, batch: int = 16, log
             images, attns = generate_with_attention(pipe, [s.prompt.text for s in samples],
                                                     [s.seed for s in samples], settings, product_capture)
             for s, image, attn in zip(samples, images, attns):
-                result = product.extract(attn, class_specs(pipe.tokenizer, s), image)
+                result = product.extract(attn, class_specs(pipe.tokenizer, s.prompt), image)
                 pool.candidates += 1
                 if not rejection_reason(image, result, s.class_names, cfg.filter):
                     _add(pool, s, image, result.labels, ids)
@@ -215,7 +215,7 @@ def _label_others(pipe, pool: Pool, todo: list[int], windows, others, ids, setti
             if w != window:
                 continue
             for s, image, attn in zip(samples, images, attns):
-                res = ex.extract(attn, class_specs(pipe.tokenizer, s), image)
+                res = ex.extract(attn, class_specs(pipe.tokenizer, s.prompt), image)
                 out[m].append(remap_labels(res.labels, [ids[c] for c in s.class_names]).astype(np.uint8))
     for m, v in out.items():
         pool.labels[m] += v
