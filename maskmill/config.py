@@ -110,6 +110,12 @@ class RunConfig(_Strict):
             raise ValueError("needs keys >= 1 (classes in one image) with non-negative weights, not all zero")
         return v
 
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _overlap_words(cls, v: Any) -> Any:
+        """YAML reads a bare on/off as true/false: take them as the words they were."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:

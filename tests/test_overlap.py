@@ -155,3 +155,12 @@ def test_a_run_on_the_cpu_is_serial_unless_its_config_says_on(tiny_run, tmp_path
     assert cfg.model_copy(update={"overlap": "on"}).fingerprint() == cfg.fingerprint()
     with pytest.raises(ValueError, match="overlap"):
         cfg.model_validate({**cfg.model_dump(), "overlap": "sometimes"})
+
+
+@pytest.mark.parametrize("written, read", [("on", "on"), ("off", "off"), ("auto", "auto"), ("'on'", "on")])
+def test_overlap_on_and_off_read_as_words_from_yaml_and_overrides(tmp_path, written, read):
+    """YAML 1.1 reads a bare on/off as a boolean: the config takes it as the word."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"classes: [circle]\nprompts: shapes\noverlap: {written}\n")
+    assert load_config(path, check_files=False).overlap == read
+    assert load_config(path, [f"overlap={written}"], check_files=False).overlap == read
