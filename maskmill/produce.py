@@ -68,7 +68,7 @@ def overlap_for(pipe, setting: str = "auto") -> bool:
     """Generate one batch ahead? "on"/"off" as said; "auto": only when the pipeline is on an accelerator.
 
     On a CPU the generating thread and the consumer share the cores and the interpreter lock: the
-    overlap then costs more than it hides (bench_overlap.py: x1.065 against x1.003 serial)."""
+    overlap then costs more than it hides (bench_overlap.py: slower than serial in 7 rounds of 8)."""
     if setting != "auto":
         return setting == "on"
     device = getattr(pipe, "device", None)
