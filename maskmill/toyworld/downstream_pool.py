@@ -28,7 +28,7 @@ from ..atomic import atomic_save_npz, atomic_write_bytes
 from ..capture import CaptureConfig
 from ..config import ClipCheckConfig, load_config
 from ..extractors import get_extractor
-from ..generate import generate_with_attention, latent_hw
+from ..generate import generate_with_attention
 from ..plan import RunPlan
 from ..produce import capture_config_for, class_specs, clip_check_for, rejection_reason, settings_of
 from ..shards.records import remap_labels
@@ -209,10 +209,7 @@ def _label_others(pipe, pool: Pool, todo: list[int], windows, others, ids, setti
             if not np.array_equal(image, pool.images[i]):
                 raise RuntimeError(f"pooled sample {i} came out different when generated again")
         for m, ex in others.items():
-            wants = getattr(ex, "capture_config", None)
-            w = wants(pipe.unet, latent_hw(pipe, settings.height, settings.width)).steps if callable(wants) \
-                else (0.0, 1.0)
-            if w != window:
+            if capture_config_for(ex, pipe, settings.height, settings.width).steps != window:
                 continue
             for s, image, attn in zip(samples, images, attns):
                 res = ex.extract(attn, class_specs(pipe.tokenizer, s.prompt), image)
