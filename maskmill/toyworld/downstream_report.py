@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_bytes
 from .render import SHAPES
 
 ORACLE, CEILING = "oracle", "ceiling"
@@ -150,11 +151,13 @@ def hand_written(table: Path) -> str:
 
 
 def write_report(results: dict, cfg) -> None:
+    """The results JSON and the markdown table, each replaced atomically: a benchmark stopped mid-write
+    resumes from the previous results file, never a truncated one."""
     Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.results).write_text(json.dumps({**results, "summary": {t: {m: {str(n): v for n, v in d.items()}
-                                                                         for m, d in tab.items()}
-                                                                     for t, tab in summary(results).items()}},
-                                            indent=1) + "\n")
+    atomic_write_bytes(cfg.results, (json.dumps({**results, "summary": {t: {m: {str(n): v for n, v in d.items()}
+                                                                             for m, d in tab.items()}
+                                                                         for t, tab in summary(results).items()}},
+                                                indent=1) + "\n").encode())
     Path(cfg.table).parent.mkdir(parents=True, exist_ok=True)
     tail = hand_written(cfg.table)
-    Path(cfg.table).write_text(markdown(results, cfg.methods) + "\n" + (f"\n{tail}" if tail else ""))
+    atomic_write_bytes(cfg.table, (markdown(results, cfg.methods) + "\n" + (f"\n{tail}" if tail else "")).encode())
